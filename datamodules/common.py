@@ -1,0 +1,114 @@
+"""Pieces every datamodule shares: record checks, prompt/completion tokenization, padding."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from trl.data_utils import apply_chat_template, is_conversational
+
+IGNORE_INDEX = -100
+
+
+def normalize_record(record: dict, source: str, index: int) -> dict:
+    """A record as `{"prompt", "completion"}` (strings, or message lists for chat data).
+
+    Accepts prompt/completion records and conversational `{"messages": [...]}` records whose last
+    message is the assistant's answer (that answer is the completion, the rest the prompt).
+    Anything else raises ValueError naming `source` (a file or dataset) and the record index.
+    """
+    where = f"{source}: record {index}"
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+    if "messages" in record and record["messages"] is not None:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        for turn, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"{where}: messages[{turn}] needs 'role' and 'content' keys, got {message!r}")
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: the last message must be the assistant's answer, got role "
+                             f"{messages[-1]['role']!r}")
+        prompt, completion = messages[:-1], messages[-1:]
+        if not prompt:
+            raise ValueError(f"{where}: 'messages' holds only the assistant's answer, no prompt")
+    elif "prompt" in record and "completion" in record:
+        prompt, completion = record["prompt"], record["completion"]
+    else:
+        raise ValueError(f"{where}: needs 'prompt' and 'completion' keys, or 'messages'; found keys "
+                         f"{sorted(record)}")
+    text = completion[-1]["content"] if isinstance(completion, list) and completion else completion
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where}: the completion is empty")
+    return {"prompt": prompt, "completion": completion}
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a prompt ready for generation (chat template with the generation prompt)."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def tokenize_prompt_completion(tokenizer, example: dict) -> dict:
+    """`input_ids` and `labels` (-100 on prompt tokens: completion-only loss).
+
+    Chat records go through TRL's `apply_chat_template` (the model's own template, its special
+    tokens kept); plain text records get EOS appended to the completion, as TRL's SFT does.
+    Prompt and completion are tokenized separately so the boundary is exact.
+    """
+    conversational = is_conversational(example)
+    if conversational:
+        text = apply_chat_template(example, tokenizer)
+        prompt_text, completion_text = text["prompt"], text["completion"]
+    else:
+        prompt_text, completion_text = example["prompt"], example["completion"]
+        if tokenizer.eos_token and not completion_text.endswith(tokenizer.eos_token):
+            completion_text = completion_text + tokenizer.eos_token
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=not conversational)["input_ids"]
+    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    return {
+        "input_ids": prompt_ids + completion_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+    }
+
+
+def pad(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
+    """Stack lists of ids into one [B, max_len] tensor, padding on `side`."""
+    length = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if len(s):
+            if side == "right":
+                out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+            else:
+                out[i, length - len(s):] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+class PadCollator:
+    """Pads `input_ids` (pad id), `labels` (-100) and `position_ids` (0), builds `attention_mask`.
+
+    Other keys pass through as lists (e.g. answers for evaluation). `side="left"` is for
+    prompts that will be continued by `generate`.
+    """
+
+    def __init__(self, pad_token_id: int, side: str = "right"):
+        self.pad_token_id = pad_token_id
+        self.side = side
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {}
+        ids = [e["input_ids"] for e in examples]
+        batch["input_ids"] = pad(ids, self.pad_token_id, self.side)
+        batch["attention_mask"] = pad([[1] * len(s) for s in ids], 0, self.side)
+        if "labels" in examples[0]:
+            batch["labels"] = pad([e["labels"] for e in examples], IGNORE_INDEX, self.side)
+        if "position_ids" in examples[0]:
+            batch["position_ids"] = pad([e["position_ids"] for e in examples], 0, self.side)
+        for key in examples[0]:
+            if key not in batch:
+                batch[key] = [e[key] for e in examples]
+        return batch
