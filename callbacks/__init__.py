@@ -1,0 +1,1 @@
+"""Callbacks: diagnostics, token filtering and export hooks shared by the methods."""

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 from trl.data_utils import apply_chat_template, is_conversational
 
-IGNORE_INDEX = -100
+from testtime.lm import IGNORE_INDEX, encode_prompt, pad  # noqa: F401  (re-exported for datamodules)
 
 
 def normalize_record(record: dict, source: str, index: int) -> dict:
@@ -33,23 +33,15 @@ def normalize_record(record: dict, source: str, index: int) -> dict:
         prompt, completion = messages[:-1], messages[-1:]
         if not prompt:
             raise ValueError(f"{where}: 'messages' holds only the assistant's answer, no prompt")
-    elif "prompt" in record and "completion" in record:
+    elif record.get("prompt") is not None and record.get("completion") is not None:
         prompt, completion = record["prompt"], record["completion"]
     else:
-        raise ValueError(f"{where}: needs 'prompt' and 'completion' keys, or 'messages'; found keys "
-                         f"{sorted(record)}")
+        present = sorted(k for k, v in record.items() if v is not None)
+        raise ValueError(f"{where}: needs 'prompt' and 'completion' keys, or 'messages'; found keys {present}")
     text = completion[-1]["content"] if isinstance(completion, list) and completion else completion
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{where}: the completion is empty")
     return {"prompt": prompt, "completion": completion}
-
-
-def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
-    """Token ids of a prompt ready for generation (chat template with the generation prompt)."""
-    if isinstance(prompt, list):
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                             return_dict=True)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
 
 
 def tokenize_prompt_completion(tokenizer, example: dict) -> dict:
@@ -73,19 +65,6 @@ def tokenize_prompt_completion(tokenizer, example: dict) -> dict:
         "input_ids": prompt_ids + completion_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
     }
-
-
-def pad(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
-    """Stack lists of ids into one [B, max_len] tensor, padding on `side`."""
-    length = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), length), value, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if len(s):
-            if side == "right":
-                out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-            else:
-                out[i, length - len(s):] = torch.as_tensor(s, dtype=torch.long)
-    return out
 
 
 class PadCollator:

@@ -1,0 +1,69 @@
+"""The one command line of testtime: `python cli.py fit|validate|test|predict|export --config ...`.
+
+LightningCLI in subclass mode over every LightningModule and LightningDataModule of the project.
+`model.init_args.model_name_or_path` is written once and linked into the datamodule (which
+needs the same tokenizer). `export` turns a Lightning checkpoint into the method's serving format.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+# Importing the packages registers their classes, so configs may use short class names too.
+import callbacks  # noqa: F401
+import datamodules  # noqa: F401
+import lightning_modules  # noqa: F401
+
+
+class Trainer(L.Trainer):
+    """Lightning's Trainer plus `export`."""
+
+    def export(self, model: L.LightningModule, ckpt_path: str | None = None, output_dir: str = "export",
+               datamodule: L.LightningDataModule | None = None) -> None:
+        """Write a serving checkpoint of the model (from ckpt_path if given) into output_dir.
+
+        Args:
+            ckpt_path: a Lightning checkpoint written by `fit`; without it the freshly configured model is exported.
+            output_dir: the folder to write (the method's own format; see the README).
+        """
+        if not hasattr(model, "export"):
+            raise SystemExit(f"{type(model).__name__} does not define export(output_dir)")
+        model.configure_model()
+        if ckpt_path:
+            if not os.path.isfile(ckpt_path):
+                raise SystemExit(f"export: checkpoint {ckpt_path!r} does not exist")
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading)
+        if self.is_global_zero:
+            model.export(output_dir)
+            rank_zero_info(f"exported {type(model).__name__} to {output_dir}")
+
+
+class TesttimeCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.model_name_or_path")
+
+
+def main(args: list[str] | None = None) -> None:
+    TesttimeCLI(
+        L.LightningModule,
+        None,  # any LightningDataModule, and optional (export needs none)
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_class=Trainer,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,569 @@
+"""AutoDeco: heads, losses against hand computations, generation through HF generate, export."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from testtime.autodeco import (
+    AutoDecoConfig,
+    AutoDecoLogitsProcessor,
+    AutoDecoModel,
+    TempHead,
+    TopPHead,
+    autodeco_generate,
+    goldilocks_mask,
+    label_rank,
+    load_autodeco,
+    merge_autodeco,
+    min_p_diagnostics,
+    min_p_hinge_loss,
+    predict_heads,
+    prob_stats,
+    required_temperature,
+    save_autodeco,
+    shift_for_next_token,
+    soft_top_p_loss,
+    split_autodeco,
+    temperature_loss,
+    training_losses,
+    warp_logits,
+)
+from testtime.tiny import FAMILIES, build_tiny_model
+
+# ------------------------------------------------------------------------------------------
+# hand-checkable references (plain python, no torch)
+
+
+def softmax(xs):
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def ref_temperature_loss(z, t, y, keep):
+    terms = []
+    for zi, ti, yi, ki in zip(z, t, y, keep):
+        if not ki:
+            continue
+        ti = max(ti, 1e-2)
+        ce = -math.log(softmax([v / ti for v in zi])[yi])
+        terms.append(ce * softmax(zi)[yi])
+    return sum(terms) / len(terms) if terms else 0.0
+
+
+def ref_soft_top_p_loss(z, t, p_top, y, steepness=30.0):
+    terms = []
+    for zi, ti, pi, yi in zip(z, t, p_top, y):
+        if yi == -100:
+            continue
+        p = softmax([v / ti for v in zi])
+        order = sorted(range(len(p)), key=lambda j: -p[j])
+        m, c = [0.0] * len(p), 0.0
+        for j in order:
+            c += p[j]
+            m[j] = math.exp(-steepness * max(c - pi, 0.0))
+        pm = [a * b for a, b in zip(p, m)]
+        terms.append(-math.log(pm[yi] / (sum(pm) + 1e-9) + 1e-9) * softmax(zi)[yi])
+    return sum(terms) / len(terms)
+
+
+Z = [[2.0, 1.0, 0.0, -1.0], [0.0, 1.0, 3.0, 0.5], [1.0, 1.0, -2.0, 1.2], [0.3, -2.0, 0.1, 0.0]]
+Y = [1, 2, 2, 3]  # token 1: label is argmax (easy); others hard
+T = [0.7, 1.3, 0.005, 1.9]  # 0.005 exercises the 1e-2 clamp
+P = [0.5, 0.95, 0.2, 0.7]
+
+
+def tensors(requires_grad=True):
+    z = torch.tensor([Z], dtype=torch.float64)
+    y = torch.tensor([Y])
+    t = torch.tensor([T], dtype=torch.float64, requires_grad=requires_grad)
+    p = torch.tensor([P], dtype=torch.float64, requires_grad=requires_grad)
+    return z, t, p, y
+
+
+# ------------------------------------------------------------------------------------------
+# heads
+
+
+def test_heads_ranges_layout_and_features():
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 32) * 10
+    z = torch.randn(3, 5, 11) * 5
+    temp, top_p = TempHead(32), TopPHead(32)
+    t = temp(h)
+    p = top_p(h, t, z)
+    assert t.shape == p.shape == (3, 5)
+    assert ((t > 0) & (t < 2)).all() and ((p > 0) & (p < 1)).all()
+    assert set(temp.state_dict()) == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
+    assert top_p.mlp[0].in_features == 37 and TopPHead(32, use_enhanced_features=False).mlp[0].in_features == 33
+    # the statistics, by hand for one position
+    stats = prob_stats(z, t)
+    q = softmax([v / (t[1, 2].item() + 1e-8) for v in z[1, 2].tolist()])
+    mean = sum(q) / len(q)
+    expect = [max(q), -sum(v * math.log(v + 1e-8) for v in q), sum((v - mean) ** 2 for v in q) / (len(q) - 1),
+              sum(sorted(q)[-5:])]
+    assert stats[1, 2].tolist() == pytest.approx(expect, rel=1e-4, abs=1e-7)
+    # P gets no gradient path into T (T is detached inside the top-p head)
+    p.sum().backward()
+    assert all(prm.grad is None for prm in temp.parameters())
+
+
+def test_heads_run_in_float32_under_bf16_autocast():
+    temp, top_p = TempHead(8), TopPHead(8)
+    h = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    z = torch.randn(2, 3, 7, dtype=torch.bfloat16)
+    ref = predict_heads(temp, top_p, h, z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = predict_heads(temp, top_p, h, z)
+    assert got[0].dtype == got[1].dtype == torch.float32
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+
+
+# ------------------------------------------------------------------------------------------
+# losses against hand computations
+
+
+def test_temperature_loss_by_hand():
+    z, t, _, y = tensors()
+    got = temperature_loss(z, t, y, easy_token_drop=0.0)
+    assert got.item() == pytest.approx(ref_temperature_loss(Z, T, Y, [1, 1, 1, 1]), rel=1e-9)
+    # drop probability 1: the easy token (position 1) always goes
+    got = temperature_loss(z, t, y, easy_token_drop=1.0)
+    assert got.item() == pytest.approx(ref_temperature_loss(Z, T, Y, [1, 0, 1, 1]), rel=1e-9)
+    got.backward()
+    assert t.grad[0, 1] == 0 and t.grad[0, 2] == 0  # dropped; clamped below 1e-2
+    assert t.grad[0, 0] != 0 and t.grad[0, 3] != 0
+    # -100 and the optional mask both ignore tokens
+    y2 = y.clone()
+    y2[0, 1] = -100
+    mask = torch.tensor([[True, True, True, False]])
+    got = temperature_loss(z, t, y2, easy_token_drop=0.0, mask=mask)
+    assert got.item() == pytest.approx(ref_temperature_loss(Z, T, Y, [1, 0, 1, 0]), rel=1e-9)
+
+
+def test_easy_token_drop_statistics():
+    g = torch.Generator().manual_seed(0)
+    n = 10_000
+    z = torch.randn(1, 2 * n, 6, generator=g)
+    y = z.argmax(-1)
+    y[0, n:] = (y[0, n:] + 1) % 6  # second half: label is not the argmax (hard)
+    t = torch.ones(1, 2 * n, requires_grad=True)
+    temperature_loss(z, t, y, easy_token_drop=0.6, generator=g).backward()
+    kept = t.grad[0] != 0
+    assert kept[n:].all()  # hard tokens are never dropped
+    assert kept[:n].float().mean().item() == pytest.approx(0.4, abs=0.03)
+    # redrawn each call, reproducible with the same generator state
+    a = temperature_loss(z, t, y, generator=torch.Generator().manual_seed(1))
+    b = temperature_loss(z, t, y, generator=torch.Generator().manual_seed(1))
+    c = temperature_loss(z, t, y, generator=torch.Generator().manual_seed(2))
+    assert a == b and a != c
+
+
+def test_soft_top_p_loss_by_hand():
+    z, t, p, y = tensors()
+    got = soft_top_p_loss(z, t, p, y)
+    assert got.item() == pytest.approx(ref_soft_top_p_loss(Z, T, P, Y), rel=1e-7)
+    got.backward()
+    assert (t.grad != 0).any() and (p.grad != 0).any()  # T is not detached here
+    y2 = y.clone()
+    y2[0, 0] = -100
+    assert soft_top_p_loss(z, t, p, y2, steepness=5.0).item() == pytest.approx(
+        ref_soft_top_p_loss(Z, T, P, y2[0].tolist(), 5.0), rel=1e-7)
+
+
+def test_required_temperature_is_the_min_p_threshold():
+    z, _, _, y = tensors()
+    r = 0.1
+    t_req = required_temperature(z, y, r)
+    expect = [max(max(zi) - zi[yi], 0.0) / -math.log(r) for zi, yi in zip(Z, Y)]
+    assert t_req[0].tolist() == pytest.approx(expect)
+    assert t_req[0, 1] == 0  # label is the argmax
+    # min-p after temperature keeps the label exactly from T_req on
+    for i in (0, 2, 3):
+        for scale, survives in ((1.01, True), (0.99, False)):
+            t = torch.tensor([t_req[0, i].item() * scale], dtype=torch.float64)
+            out = warp_logits(z[0, i:i + 1], t, torch.ones(1, dtype=torch.float64), min_p=r)
+            assert bool(torch.isfinite(out[0, Y[i]])) == survives
+    y2 = y.clone()
+    y2[0, 3] = -100
+    assert required_temperature(z, y2, r)[0, 3] == 0
+
+
+def test_min_p_hinge_loss_by_hand():
+    z, t, _, y = tensors()
+    r, wh, wr = 0.1, 1.0, 0.5
+    t_req = [max(max(zi) - zi[yi], 0.0) / -math.log(r) for zi, yi in zip(Z, Y)]
+
+    def ref(cap):
+        tr = [min(v, cap) for v in t_req] if cap else t_req
+        return sum(wh * max(a - b, 0) + wr * max(b - a, 0) ** 2 for a, b in zip(tr, T)) / 4
+
+    assert max(t_req) > 1.0  # so a cap of 1 binds
+    got = min_p_hinge_loss(z, t, y, r, under_weight=wh, over_weight=wr, temp_cap=-1)
+    assert got.item() == pytest.approx(ref(None), rel=1e-9)
+    got = min_p_hinge_loss(z, t, y, r, under_weight=wh, over_weight=wr, temp_cap=1.0)
+    assert got.item() == pytest.approx(ref(1.0), rel=1e-9)
+    got.backward()
+    assert (t.grad != 0).all()
+
+
+def test_no_valid_token_gives_a_finite_zero_with_gradient():
+    z, t, p, y = tensors()
+    y = torch.full_like(y, -100)
+    for loss in (temperature_loss(z, t, y), soft_top_p_loss(z, t, p, y), min_p_hinge_loss(z, t, y),
+                 temperature_loss(z, t, torch.tensor([Y]), mask=torch.zeros(1, 4, dtype=torch.bool))):
+        assert loss.item() == 0 and torch.isfinite(loss) and loss.requires_grad
+        loss.backward()
+    assert torch.equal(t.grad, torch.zeros_like(t)) and torch.equal(p.grad, torch.zeros_like(p))
+    # all easy tokens dropped also counts as "none kept"
+    easy = torch.tensor([[0, 2, 3, 0]])
+    loss = temperature_loss(z, t, easy, easy_token_drop=1.0)
+    assert loss.item() == 0 and loss.requires_grad
+
+
+def test_losses_accept_bf16_logits():
+    z, t, p, y = tensors()
+    zb = z.to(torch.bfloat16)
+    tf, pf = t.float(), p.float()
+    for loss in (temperature_loss(zb, tf, y, 0.0), soft_top_p_loss(zb, tf, pf, y), min_p_hinge_loss(zb, tf, y)):
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_shift_for_next_token():
+    logits, t, p = torch.randn(2, 5, 7), torch.rand(2, 5), None
+    labels = torch.arange(10).view(2, 5)
+    sl, st, sp, sy = shift_for_next_token(logits, t, p, labels)
+    assert torch.equal(sl, logits[:, :-1]) and torch.equal(st, t[:, :-1]) and sp is None
+    assert torch.equal(sy, labels[:, 1:])
+
+
+# ------------------------------------------------------------------------------------------
+# Goldilocks selection
+
+
+def test_goldilocks_cap_topk_easy_frac():
+    z, _, _, y = tensors()
+    t_req = required_temperature(z, y)
+    cap = 0.5
+    assert torch.equal(goldilocks_mask(z, y, temp_cap=cap), t_req <= cap)
+    assert goldilocks_mask(z, y, temp_cap=-1).all()
+    ranks = label_rank(z, y)
+    assert ranks[0].tolist() == [1, 0, 3, 2]
+    assert torch.equal(goldilocks_mask(z, y, temp_cap=-1, topk=2), ranks < 2)
+    y2 = y.clone()
+    y2[0, 2] = -100
+    assert not goldilocks_mask(z, y2, temp_cap=-1)[0, 2]
+    # easy_frac keeps that exact fraction of the argmax tokens, hard ones untouched
+    g = torch.Generator().manual_seed(0)
+    zz = torch.randn(1, 1000, 5, generator=g)
+    yy = zz.argmax(-1)
+    yy[0, 500:] = (yy[0, 500:] + 1) % 5
+    keep = goldilocks_mask(zz, yy, temp_cap=-1, easy_frac=0.3, generator=g)
+    assert keep[0, :500].sum() == 150 and keep[0, 500:].all()
+
+
+def test_goldilocks_rebalance_equalizes_bins():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 500, 8, generator=g) * 2
+    y = torch.randint(0, 8, (4, 500), generator=g)
+    y[0, :50] = -100
+    cap, bins = 2.0, 20
+    keep = goldilocks_mask(z, y, temp_cap=cap, rebalance=True, num_bins=bins, generator=g)
+    t_req = required_temperature(z, y)
+    before = (y != -100) & (t_req <= cap)
+    assert not (keep & ~before).any()
+    idx = (t_req / cap * bins).floor().long().clamp(0, bins - 1)
+    counts_before = torch.bincount(idx[before], minlength=bins)
+    counts = torch.bincount(idx[keep], minlength=bins)
+    smallest = counts_before[counts_before > 0].min()
+    assert ((counts == smallest) | (counts_before == 0)).all()
+    assert (counts_before > 0).sum() > 3  # the test means something: several bins
+
+
+# ------------------------------------------------------------------------------------------
+# the wrapper
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_wrapper_every_family(family, tokenizer):
+    llm, _ = build_tiny_model(family, tokenizer=tokenizer)
+    model = AutoDecoModel(llm)
+    ids = torch.randint(5, len(tokenizer), (2, 6))
+    out = model(ids, attention_mask=torch.ones_like(ids))
+    ref = llm(ids, output_hidden_states=True)
+    assert torch.equal(out.hidden_states, ref.hidden_states[-1]) and torch.equal(out.logits, ref.logits)
+    assert out.temperature.shape == out.top_p.shape == (2, 6)
+    gen = autodeco_generate(llm, model, ids, torch.ones_like(ids), max_new_tokens=3)
+    assert gen.sequences.shape == (2, 9) and gen.temperature.shape == (2, 3)
+
+
+def test_base_is_frozen_and_stays_in_eval(tiny_llama):
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm, enable_top_p_head=False).train()
+    assert model.training and not llm.training and model.temp_head.training
+    assert model.top_p_head is None
+    ids = torch.randint(5, 100, (2, 8))
+    out = model(ids)
+    assert out.top_p is None and not out.logits.requires_grad
+    training_losses(out, ids)["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in llm.parameters())
+    assert all(p.grad is not None for p in model.temp_head.parameters())
+    assert set(model.heads_state_dict()) == {f"temp_head.mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
+
+
+def test_heads_float32_on_bf16_base(tokenizer):
+    llm, _ = build_tiny_model("llama", tokenizer=tokenizer)
+    model = AutoDecoModel(llm.to(torch.bfloat16))
+    out = model(torch.randint(5, 100, (1, 5)))
+    assert out.logits.dtype == torch.bfloat16
+    assert out.temperature.dtype == out.top_p.dtype == torch.float32
+
+
+@pytest.mark.parametrize("objective", ["legacy", "analytic_min_p_hinge"])
+def test_training_lowers_each_loss(tiny_llama, objective):
+    llm, tok = tiny_llama
+    torch.manual_seed(0)
+    model = AutoDecoModel(llm)
+    texts = ["the quick brown fox jumps over the lazy dog", "hello world, hello tests, hello again!!"]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    labels[:, :4] = -100  # a "prompt"
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+
+    def losses(drop):
+        out = model(**batch)
+        return training_losses(out, labels, objective, easy_token_drop=drop, generator=torch.Generator().manual_seed(0))
+
+    with torch.no_grad():
+        before = losses(0.0)
+    for _ in range(40):
+        opt.zero_grad()
+        losses(0.6)["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        after = losses(0.0)
+    assert after["temp_loss"] < before["temp_loss"] and after["top_p_loss"] < before["top_p_loss"]
+    if objective == "analytic_min_p_hinge":
+        shifted = shift_for_next_token(model(**batch).logits, model(**batch).temperature, None, labels)
+        diag = min_p_diagnostics(shifted[0], shifted[1], shifted[3])
+        assert 0 <= diag["min_p_ok"] <= 1 and diag["tokens"] > 0
+
+
+# ------------------------------------------------------------------------------------------
+# generation
+
+
+def test_warp_logits_top_p_and_min_p_by_hand():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    z = probs.log()
+    one = torch.ones(1)
+    keep = lambda out: torch.isfinite(out[0]).tolist()  # noqa: E731
+    assert keep(warp_logits(z, one, torch.tensor([0.5]))) == [True, False, False, False]
+    assert keep(warp_logits(z, one, torch.tensor([0.51]))) == [True, True, False, False]
+    assert keep(warp_logits(z, one, torch.tensor([0.0]))) == [True, False, False, False]  # top token stays
+    assert keep(warp_logits(z, one, one)) == [True] * 4
+    assert keep(warp_logits(z, one, one, min_p=0.25)) == [True, True, True, False]
+    # temperature scales the logits first
+    out = warp_logits(z, torch.tensor([2.0]), one)
+    assert torch.allclose(out, z / 2)
+
+
+def _prompts(tok, texts):
+    # left padding for generation, without changing the session-wide tokenizer
+    return tok(texts, return_tensors="pt", padding=True, padding_side="left")
+
+
+def test_zero_temperature_is_greedy(tiny_llama):
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm)
+    batch = _prompts(tok, ["abc", "hello"])
+    greedy = llm.generate(**batch, max_new_tokens=12, do_sample=False)
+    gen = autodeco_generate(llm, model, batch.input_ids, batch.attention_mask, max_new_tokens=12,
+                            user_temperature=0.0)
+    assert torch.equal(gen.sequences, greedy)
+    assert (gen.temperature == 0).all()
+
+
+def test_user_temperature_controls_diversity(tiny_llama):
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm)
+    ids = tok(["once upon"], return_tensors="pt").input_ids.repeat(64, 1)
+
+    def distinct(user_t):
+        torch.manual_seed(0)
+        gen = autodeco_generate(llm, model, ids, torch.ones_like(ids), max_new_tokens=2, user_temperature=user_t)
+        return len({tuple(row) for row in gen.sequences[:, -2:].tolist()})
+
+    cold, hot = distinct(0.05), distinct(3.0)
+    assert cold <= 3 and hot > 20
+
+
+def test_recorded_parameters_match_the_heads(tiny_llama):
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm)
+    batch = _prompts(tok, ["the cat", "a dogs!"])  # same length: no padding
+    assert batch.attention_mask.all()
+    torch.manual_seed(0)
+    gen = autodeco_generate(llm, model, batch.input_ids, batch.attention_mask, max_new_tokens=6,
+                            user_temperature=1.5, user_top_p=0.8)
+    prompt_len = batch.input_ids.shape[1]
+    out = model(gen.sequences)
+    # the token at position j was sampled with the heads' values at position j - 1
+    t_ref = out.temperature[:, prompt_len - 1:-1]
+    p_ref = out.top_p[:, prompt_len - 1:-1]
+    assert torch.allclose(gen.temperature, t_ref * 1.5, atol=1e-5)
+    assert torch.allclose(gen.top_p, (p_ref * 0.8).clamp(0, 1), atol=1e-5)
+
+
+def test_static_cache_matches_dynamic(tiny_llama):
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm)
+    batch = _prompts(tok, ["abc", "xyz"])
+    kw = dict(max_new_tokens=8, user_temperature=0.0)
+    dyn = autodeco_generate(llm, model, batch.input_ids, batch.attention_mask, **kw)
+    static = autodeco_generate(llm, model, batch.input_ids, batch.attention_mask, cache_implementation="static", **kw)
+    assert torch.equal(dyn.sequences, static.sequences)
+    # the T the heads predicted (before the user T of 0) agree too: record with user T = 1
+    torch.manual_seed(0)
+    a = autodeco_generate(llm, model, batch.input_ids, batch.attention_mask, max_new_tokens=8)
+    torch.manual_seed(0)
+    b = autodeco_generate(llm, model, batch.input_ids, batch.attention_mask, max_new_tokens=8,
+                          cache_implementation="static")
+    assert torch.allclose(a.temperature[:, 0], b.temperature[:, 0], atol=1e-5)
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_padded_batch_matches_single_rows(tiny_llama):
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm)
+    texts = ["hi", "a longer prompt"]
+    batch = _prompts(tok, texts)
+    assert not batch.attention_mask.all()
+    both = autodeco_generate(llm, model, batch.input_ids, batch.attention_mask, max_new_tokens=5,
+                             user_temperature=1.0, user_top_p=0.0)  # top-p 0: the top token, every row
+    for i, text in enumerate(texts):
+        single = tok([text], return_tensors="pt")
+        one = autodeco_generate(llm, model, single.input_ids, single.attention_mask, max_new_tokens=5,
+                                user_temperature=1.0, user_top_p=0.0)
+        assert torch.equal(both.sequences[i, -5:], one.sequences[0, -5:])
+        assert torch.allclose(both.temperature[i], one.temperature[0], atol=1e-5)
+
+
+def test_processor_by_hand_and_min_p(tiny_llama):
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm, enable_top_p_head=False)
+    ids = tok(["abc"], return_tensors="pt").input_ids
+    proc = AutoDecoLogitsProcessor(model.temp_head, None, user_temperature=1.0, min_p=0.5, record=True)
+    with pytest.raises(RuntimeError, match="attach"):
+        proc(ids, torch.zeros(1, len(tok)))
+    with proc.attach(llm):
+        llm.generate(ids, max_new_tokens=4, logits_processor=[proc], do_sample=True, temperature=1.0, top_p=1.0,
+                     top_k=0)
+    t, p = proc.recorded()
+    assert t.shape == (1, 4) and (p == 1).all()  # no top-p head: P = user top-p
+    # hooks are gone after the context
+    assert not llm.get_output_embeddings()._forward_pre_hooks
+    # a step whose forward skipped the hooks (e.g. a compiled forward) is refused, not served stale
+    with proc.attach(llm):
+        scores = llm(ids).logits[:, -1]
+        proc(ids, scores)
+        with pytest.raises(RuntimeError, match="disable_compile"):
+            proc(ids, scores)
+
+
+# ------------------------------------------------------------------------------------------
+# export
+
+
+def _trained_like(model):
+    """Non-default head weights so a wrong load cannot pass by accident."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_export_reload_bit_identical(tiny_model_dir, tmp_path):
+    from testtime.loading import load_model_and_tokenizer
+
+    llm, tok = load_model_and_tokenizer(tiny_model_dir)
+    model = _trained_like(AutoDecoModel(llm, base_model_name_or_path=tiny_model_dir))
+    model.save_pretrained(tmp_path / "heads")
+    cfg = json.loads((tmp_path / "heads" / "config.json").read_text())
+    assert cfg["model_type"] == "autodeco" and cfg["base_model_type"] == "llama" and cfg["hidden_size"] == 32
+    assert cfg["base_model_name_or_path"] == tiny_model_dir
+    assert cfg["enable_temperature_head"] and cfg["enable_top_p_head"] and cfg["use_enhanced_features"]
+    keys = set(load_file(tmp_path / "heads" / "model.safetensors"))
+    assert keys == {f"{h}.mlp.{i}.{w}" for h in ("temp_head", "top_p_head") for i in (0, 2)
+                    for w in ("weight", "bias")}
+    ids = torch.randint(5, 100, (2, 10))
+    ref = model(ids)
+    again = load_autodeco(tmp_path / "heads")  # base from base_model_name_or_path
+    out = again(ids)
+    assert torch.equal(ref.temperature, out.temperature) and torch.equal(ref.top_p, out.top_p)
+    # merge -> split -> reload, and the merged folder on its own
+    merge_autodeco(tmp_path / "heads", tmp_path / "merged")
+    merged_keys = set(load_file(tmp_path / "merged" / "model.safetensors"))
+    assert keys < merged_keys and all(k.startswith(("llm.", "temp_head.", "top_p_head.")) for k in merged_keys)
+    assert "llm.lm_head.weight" in merged_keys and (tmp_path / "merged" / "tokenizer.json").exists()
+    split_autodeco(tmp_path / "merged", tmp_path / "split")
+    assert set(load_file(tmp_path / "split" / "model.safetensors")) == keys
+    for folder in ("split", "merged"):
+        out = load_autodeco(tmp_path / folder)(ids)
+        assert torch.equal(ref.temperature, out.temperature) and torch.equal(ref.top_p, out.top_p)
+    merged, merged_tok = load_autodeco(tmp_path / "merged", return_tokenizer=True)
+    assert merged_tok.encode("abc") == tok.encode("abc")
+    assert all(torch.equal(a, b) for a, b in zip(merged.llm.state_dict().values(), llm.state_dict().values()))
+    # a sharded merge reads back the same
+    merge_autodeco(tmp_path / "heads", tmp_path / "sharded", model=llm, max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    out = load_autodeco(tmp_path / "sharded")(ids)
+    assert torch.equal(ref.temperature, out.temperature)
+
+
+def test_reload_onto_given_model_and_single_head(tiny_llama, tmp_path):
+    llm, _ = tiny_llama
+    model = _trained_like(AutoDecoModel(llm, enable_top_p_head=False, use_enhanced_features=False))
+    save_autodeco(tmp_path, model.temp_head, None, model.config)
+    cfg = AutoDecoConfig.load(tmp_path)
+    assert cfg.enable_temperature_head and not cfg.enable_top_p_head
+    again = load_autodeco(tmp_path, model=llm)
+    ids = torch.randint(5, 100, (1, 7))
+    assert again.top_p_head is None and torch.equal(model(ids).temperature, again(ids).temperature)
+
+
+def test_hidden_size_mismatch_names_both_sizes(tiny_llama, tmp_path):
+    llm, _ = tiny_llama
+    cfg = AutoDecoConfig(base_model_type="llama", hidden_size=48)
+    save_autodeco(tmp_path, TempHead(48), TopPHead(48), cfg)
+    with pytest.raises(ValueError, match=r"48.*32") as err:
+        load_autodeco(tmp_path, model=llm)
+    assert "model.safetensors" in str(err.value)
+
+
+def test_loads_a_config_written_like_the_original(tiny_llama, tmp_path):
+    """The original writes the base config plus its own fields, and both heads even when one is off."""
+    from safetensors.torch import save_file
+
+    llm, _ = tiny_llama
+    torch.manual_seed(3)
+    temp, top_p = TempHead(32), TopPHead(32)
+    tensors = {f"temp_head.{k}": v for k, v in temp.state_dict().items()}
+    tensors.update({f"top_p_head.{k}": v for k, v in top_p.state_dict().items()})
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    cfg = {**llm.config.to_dict(), "model_type": "autodeco", "base_model_type": "llama",
+           "base_model_name_or_path": "/nowhere", "enable_temperature_head": True, "enable_top_p_head": False,
+           "use_enhanced_features": True, "temperature_hidden_size": 32, "top_p_hidden_size": 32}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = load_autodeco(tmp_path, model=llm)
+    assert model.top_p_head is None
+    ids = torch.randint(5, 100, (1, 6))
+    out = model(ids)
+    assert torch.equal(out.temperature, temp(out.hidden_states))

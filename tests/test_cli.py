@@ -1,0 +1,88 @@
+"""The CLI as a user runs it: help, config printing, every tiny recipe, errors, export."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from testtime.loading import resolve
+from tests.conftest import ROOT
+
+TINY_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("configs/*/tiny.yaml"))
+
+
+def test_help_lists_every_subcommand(run_cli):
+    out = run_cli("--help")
+    assert out.returncode == 0, out.stderr
+    for sub in ("fit", "validate", "test", "predict", "export"):
+        assert sub in out.stdout
+
+
+def test_print_config_links_model_name_into_data(run_cli):
+    out = run_cli("fit", "--config", str(ROOT / "configs/sft/tiny.yaml"),
+                  "--model.init_args.model_name_or_path=tiny-random-gpt2", "--print_config")
+    assert out.returncode == 0, out.stderr
+    config = yaml.safe_load(out.stdout)
+    assert config["model"]["init_args"]["model_name_or_path"] == "tiny-random-gpt2"
+    assert "model_name_or_path" not in config["data"]["init_args"]  # linked, written once
+
+
+def test_link_reaches_the_datamodule():
+    from cli import TesttimeCLI, Trainer
+    import lightning as L
+
+    cli = TesttimeCLI(L.LightningModule, None, subclass_mode_model=True, subclass_mode_data=True,
+                      trainer_class=Trainer, run=False,
+                      args=["--config", str(ROOT / "configs/sft/tiny.yaml"),
+                            "--model.init_args.model_name_or_path=tiny-random-opt"])
+    assert cli.datamodule.hparams.get("model_name_or_path", getattr(cli.datamodule, "model_name_or_path", None)) \
+        == "tiny-random-opt"
+
+
+@pytest.mark.parametrize("config", TINY_CONFIGS)
+def test_tiny_recipe_fast_dev_run(run_cli, config):
+    out = run_cli("fit", "--config", str(ROOT / config), "--trainer.fast_dev_run=true")
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--model=lightning_modules.causal_lm.NoSuchModule"], "NoSuchModule"),
+        (["--model.init_args.learning_rate=fast"], "learning_rate"),
+        (["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping"], "monitor"),
+    ],
+)
+def test_bad_config_exits_with_a_message_not_a_traceback(run_cli, args, named):
+    out = run_cli("fit", "--config", str(ROOT / "configs/sft/tiny.yaml"), *args)
+    assert out.returncode != 0
+    assert named in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_fit_then_export_reloads_identical_weights(run_cli, tmp_path):
+    out = run_cli("fit", "--config", str(ROOT / "configs/sft/tiny.yaml"), "--trainer.max_steps=5",
+                  f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = next(Path(tmp_path).rglob("*.ckpt"))
+    export_dir = tmp_path / "export"
+    out = run_cli("export", "--config", str(ROOT / "configs/sft/tiny.yaml"), f"--ckpt_path={ckpt}",
+                  f"--output_dir={export_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    exported = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, state[f"model.{name}"]), name
+    initial = AutoModelForCausalLM.from_pretrained(resolve("tiny-random-llama"), dtype=torch.float32)
+    changed = [n for n, v in initial.state_dict().items() if not torch.equal(v, exported.state_dict()[n])]
+    assert changed, "fit did not change any weight: the export test would prove nothing"
+
+
+def test_export_with_missing_checkpoint_is_named(run_cli, tmp_path):
+    out = run_cli("export", "--config", str(ROOT / "configs/sft/tiny.yaml"), "--ckpt_path=nothing.ckpt",
+                  f"--output_dir={tmp_path}")
+    assert out.returncode != 0
+    assert "nothing.ckpt" in out.stderr

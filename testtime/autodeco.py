@@ -1,0 +1,858 @@
+"""AutoDeco: learned per-token temperature and top-p on top of a frozen causal LM.
+
+Paper: "The End of Manual Decoding" (AutoDeco). Two small MLP heads read the final hidden
+state `h` (after the final norm: the input of `lm_head`) and predict, for every position, the
+temperature T in (0, 2) and the top-p P in (0, 1) used to sample the NEXT token. The base model
+stays frozen; only the heads train.
+
+Read top to bottom:
+1. the heads (`TempHead`, `TopPHead`) and `predict_heads`, the one function that turns
+   (hidden state, logits) into (T, P) for training and generation alike;
+2. `AutoDecoModel`, the frozen base plus heads;
+3. the losses: legacy temperature CE, soft top-p, and the temperature-first extension
+   (`required_temperature`, `min_p_hinge_loss`, `goldilocks_mask`);
+4. generation with HF `generate` (`AutoDecoLogitsProcessor`, `autodeco_generate`);
+5. export in the original checkpoint format (`save_autodeco`, `load_autodeco`,
+   `merge_autodeco`, `split_autodeco`).
+
+Alignment convention of every loss: tensors are ALIGNED, i.e. position i of `logits`,
+`temperature` and `top_p` predicts `labels[i]`. With model outputs over `input_ids` and HF-style
+labels (a copy of input_ids, prompt = -100), shift first: `shift_for_next_token`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import LogitsProcessor
+
+IGNORE_INDEX = -100
+HEADS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+# ---------------------------------------------------------------------------------------------
+# 1. Heads
+# ---------------------------------------------------------------------------------------------
+
+
+class TempHead(nn.Module):
+    """h [..., H] -> T [...] in (0, 2). Layout (`mlp.0`, `mlp.2`) matches the published heads."""
+
+    def __init__(self, hidden_size: int, width: int = 256):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, width), nn.ReLU(), nn.Linear(width, 1), nn.Sigmoid())
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlp(hidden).squeeze(-1) * 2
+
+
+def prob_stats(logits: torch.Tensor, temperature: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """[max p, entropy, var, top-5 mass] of p = softmax(z / (T + 1e-8)), float32, [..., 4].
+
+    The same formulas as the original code (entropy with log(p + 1e-8), unbiased variance) so
+    published TopP heads see the features they were trained on. No gradient flows here (the
+    logits come from the frozen base and T is detached), so rows are processed in chunks to
+    bound the float32 [tokens, vocab] temporaries.
+    """
+    shape = logits.shape[:-1]
+    z = logits.reshape(-1, logits.shape[-1])
+    t = temperature.detach().reshape(-1)
+    out = []
+    with torch.no_grad():
+        for i in range(0, z.shape[0], chunk):
+            p = torch.softmax(z[i:i + chunk].float() / (t[i:i + chunk].float()[:, None] + 1e-8), dim=-1)
+            entropy = -(p * torch.log(p + 1e-8)).sum(-1)
+            top5 = p.topk(min(5, p.shape[-1]), dim=-1).values.sum(-1)
+            out.append(torch.stack([p.max(-1).values, entropy, p.var(-1), top5], dim=-1))
+    return torch.cat(out).reshape(*shape, 4) if out else z.new_zeros(*shape, 4, dtype=torch.float32)
+
+
+class TopPHead(nn.Module):
+    """(h, T, z) -> P [...] in (0, 1); input [h, T.detach(), max p, entropy, var, top-5 mass]."""
+
+    def __init__(self, hidden_size: int, use_enhanced_features: bool = True, width: int = 256):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.use_enhanced_features = use_enhanced_features
+        in_dim = hidden_size + 1 + (4 if use_enhanced_features else 0)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, width), nn.ReLU(), nn.Linear(width, 1), nn.Sigmoid())
+
+    def forward(self, hidden: torch.Tensor, temperature: torch.Tensor, logits: torch.Tensor | None = None):
+        dtype = self.mlp[0].weight.dtype
+        t = temperature.detach()  # the top-p loss must not move the temperature head through P
+        feats = [hidden.to(dtype), t.to(dtype).unsqueeze(-1)]
+        if self.use_enhanced_features:
+            if logits is None:
+                raise ValueError("TopPHead(use_enhanced_features=True) needs the logits")
+            feats.append(prob_stats(logits, t).to(dtype))
+        return self.mlp(torch.cat(feats, dim=-1)).squeeze(-1)
+
+
+def _head_dtype(head: nn.Module) -> torch.dtype:
+    return next(head.parameters()).dtype
+
+
+def predict_heads(temp_head: TempHead | None, top_p_head: TopPHead | None, hidden: torch.Tensor,
+                  logits: torch.Tensor | None = None):
+    """(T, P) from the final hidden state [..., H] and logits [..., V]; None for a missing head.
+
+    The single code path of training and generation, so a head sees identical inputs in both.
+    Heads run in their own dtype (float32) with autocast off: under bf16-mixed training they
+    would otherwise run in bf16, and generation would not reproduce the trained numbers.
+    Without a temperature head the top-p head is fed T = 1.
+    """
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        temperature = top_p = None
+        if temp_head is not None:
+            temperature = temp_head(hidden.to(_head_dtype(temp_head)))
+        if top_p_head is not None:
+            t_in = temperature if temperature is not None else hidden.new_ones(hidden.shape[:-1], dtype=torch.float32)
+            top_p = top_p_head(hidden.to(_head_dtype(top_p_head)), t_in, logits)
+    return temperature, top_p
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The wrapper: frozen base + heads
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AutoDecoConfig:
+    """The fields of the original `config.json` (model_type "autodeco").
+
+    `base_config` holds the base model's own config dict; like the original, `to_dict` writes it
+    at the top level too, so a merged folder describes the base architecture for serving.
+    `hidden_size` is the heads' input size (the width of the lm_head input).
+    """
+
+    base_model_name_or_path: str | None = None
+    base_model_type: str | None = None
+    enable_temperature_head: bool = True
+    enable_top_p_head: bool = True
+    use_enhanced_features: bool = True
+    hidden_size: int | None = None
+    head_width: int = 256
+    model_type: str = "autodeco"
+    base_config: dict = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in self.base_config.items() if k not in ("architectures", "_name_or_path")}
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "base_config"}
+        if out.get("hidden_size", self.hidden_size) != self.hidden_size:
+            own.pop("hidden_size")  # keep the base's own value; the heads' size is in *_hidden_size
+        out.update(own)
+        out.update(
+            architectures=["AutoDecoModelForCausalLM"],
+            temperature_hidden_size=self.hidden_size,
+            top_p_hidden_size=self.hidden_size,
+            # aliases read by older versions of the original code
+            train_temp=self.enable_temperature_head,
+            train_top_p=self.enable_top_p_head,
+        )
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AutoDecoConfig":
+        if d.get("model_type") != "autodeco":
+            raise ValueError(f"not an AutoDeco config: model_type is {d.get('model_type')!r}, expected 'autodeco'")
+        own = {f.name for f in fields(cls)}
+        extra = {"architectures", "temperature_hidden_size", "top_p_hidden_size", "train_temp", "train_top_p"}
+        base = {k: v for k, v in d.items() if k not in own | extra}
+        hidden = d.get("temperature_hidden_size") or d.get("top_p_hidden_size") or d.get("hidden_size")
+        if "hidden_size" in d:
+            base["hidden_size"] = d["hidden_size"]
+        if d.get("base_model_type"):
+            base["model_type"] = d["base_model_type"]
+        return cls(
+            base_model_name_or_path=d.get("base_model_name_or_path"),
+            base_model_type=d.get("base_model_type"),
+            enable_temperature_head=d.get("enable_temperature_head", d.get("train_temp", True)),
+            enable_top_p_head=d.get("enable_top_p_head", d.get("train_top_p", True)),
+            use_enhanced_features=d.get("use_enhanced_features", True),
+            hidden_size=hidden,
+            head_width=d.get("head_width", 256),
+            base_config=base,
+        )
+
+    def save(self, folder) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, folder) -> "AutoDecoConfig":
+        return cls.from_dict(json.loads((Path(folder) / CONFIG_FILE).read_text()))
+
+
+def head_input_size(llm: nn.Module) -> int:
+    """Width of the final hidden state that feeds lm_head (what the heads read)."""
+    head = llm.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dim() == 2:
+        return weight.shape[1]
+    return llm.config.get_text_config().hidden_size
+
+
+@contextlib.contextmanager
+def capture_lm_head(llm: nn.Module, last_only: bool = False):
+    """Record the input (final hidden state) and output (logits) of `llm`'s lm_head.
+
+    Yields a dict updated at every lm_head call with "hidden" and "logits"; with `last_only`
+    only the last position is kept ([B, H], [B, V]): during generation the prefill call may
+    cover the whole prompt while decode calls cover one position.
+    """
+    head = llm.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(llm).__name__} has no output embeddings (lm_head) to read the hidden state from")
+    store: dict = {}
+
+    def pre_hook(module, args):
+        store["hidden"] = args[0][:, -1] if last_only else args[0]
+
+    def hook(module, args, output):
+        store["logits"] = output[:, -1] if last_only else output
+        store["calls"] = store.get("calls", 0) + 1  # lets a reader notice a forward that skipped the hooks
+
+    handles = [head.register_forward_pre_hook(pre_hook), head.register_forward_hook(hook)]
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class AutoDecoOutput:
+    logits: torch.Tensor  # [B, L, V] base logits (base dtype, no grad)
+    temperature: torch.Tensor | None  # [B, L] float32, None without a temperature head
+    top_p: torch.Tensor | None  # [B, L] float32, None without a top-p head
+    hidden_states: torch.Tensor  # [B, L, H] final hidden state (post final norm), no grad
+
+
+class AutoDecoModel(nn.Module):
+    """A frozen HF causal LM (`self.llm`) plus `temp_head` / `top_p_head` (None if disabled)."""
+
+    def __init__(self, llm: nn.Module, enable_temperature_head: bool = True, enable_top_p_head: bool = True,
+                 use_enhanced_features: bool = True, width: int = 256, base_model_name_or_path: str | None = None):
+        super().__init__()
+        if not (enable_temperature_head or enable_top_p_head):
+            raise ValueError("enable at least one of the temperature and top-p heads")
+        self.llm = llm
+        self.llm.requires_grad_(False)
+        self.llm.eval()
+        hidden = head_input_size(llm)
+        # Heads are created in float32 whatever the base dtype is.
+        self.temp_head = TempHead(hidden, width).float() if enable_temperature_head else None
+        self.top_p_head = TopPHead(hidden, use_enhanced_features, width).float() if enable_top_p_head else None
+        base_cfg = llm.config.to_dict()
+        self.config = AutoDecoConfig(
+            base_model_name_or_path=base_model_name_or_path or getattr(llm, "name_or_path", None) or None,
+            base_model_type=getattr(llm.config, "model_type", None),
+            enable_temperature_head=enable_temperature_head,
+            enable_top_p_head=enable_top_p_head,
+            use_enhanced_features=use_enhanced_features,
+            hidden_size=hidden,
+            head_width=width,
+            base_config=base_cfg,
+        )
+
+    @classmethod
+    def from_base(cls, name_or_path: str, dtype=torch.float32, device="cpu", **head_kwargs):
+        """Load the base through `testtime.loading` and wrap it; returns (model, tokenizer)."""
+        from testtime.loading import load_model_and_tokenizer
+
+        llm, tokenizer = load_model_and_tokenizer(name_or_path, dtype=dtype, device=device)
+        return cls(llm, base_model_name_or_path=str(name_or_path), **head_kwargs), tokenizer
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.llm.eval()  # the base is frozen: no dropout, whatever mode the wrapper is in
+        return self
+
+    def heads(self):
+        return self.temp_head, self.top_p_head
+
+    def heads_state_dict(self) -> dict:
+        """Only the trainable weights, with the checkpoint's key names (`temp_head.mlp.0.weight`...)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("llm.")}
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs) -> AutoDecoOutput:
+        kwargs.setdefault("use_cache", False)
+        with torch.no_grad(), capture_lm_head(self.llm) as store:
+            out = self.llm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = store["hidden"]
+        temperature, top_p = predict_heads(self.temp_head, self.top_p_head, hidden, out.logits)
+        return AutoDecoOutput(logits=out.logits, temperature=temperature, top_p=top_p, hidden_states=hidden)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """`autodeco_generate` with this model's heads; see there."""
+        return autodeco_generate(self.llm, self, input_ids, attention_mask, **kwargs)
+
+    def save_pretrained(self, output_dir) -> None:
+        save_autodeco(output_dir, self.temp_head, self.top_p_head, self.config)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Losses (aligned tensors: position i of logits predicts labels[i])
+# ---------------------------------------------------------------------------------------------
+
+
+def shift_for_next_token(logits, temperature, top_p, labels):
+    """Align model outputs over input_ids with HF-style labels: drop the last prediction and the
+    first label. Any argument may be None."""
+    cut = lambda x: None if x is None else x[:, :-1]  # noqa: E731
+    return cut(logits), cut(temperature), cut(top_p), None if labels is None else labels[:, 1:]
+
+
+def _selected(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    valid = labels != IGNORE_INDEX
+    return valid if mask is None else valid & mask.bool()
+
+
+def _zero(*tensors) -> torch.Tensor:
+    """A scalar 0 that still reaches the inputs, so backward works when no token is selected."""
+    return sum((t.float() * 0).sum() for t in tensors if t is not None)
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 logits are upcast; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _rand(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Uniform [0, 1) numbers drawn on the generator's device, moved to `device`."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def _label_prob(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Untempered base probability of the label, no gradient: the per-token weight."""
+    return torch.softmax(z.detach(), dim=-1).gather(-1, y[:, None]).squeeze(-1)
+
+
+def temperature_loss(logits, temperature, labels, easy_token_drop: float = 0.6, generator=None, mask=None):
+    """Legacy AutoDeco temperature loss.
+
+    Easy tokens (base argmax == label) are dropped with probability `easy_token_drop`, redrawn at
+    every call. Per kept token `CE(z / T, y) * stopgrad(softmax(z)[y])` with T clamped at 1e-2;
+    mean over kept tokens; 0 (with a gradient path) if none is kept.
+    """
+    selected = _selected(labels, mask)
+    with torch.no_grad():
+        easy = logits.argmax(-1) == labels
+        drop = easy & (_rand(labels.shape, generator, labels.device) < easy_token_drop)
+    keep = selected & ~drop
+    if not keep.any():
+        return _zero(temperature)
+    z, y = _f32(logits[keep]), labels[keep]
+    t = _f32(temperature[keep]).clamp_min(1e-2)
+    ce = F.cross_entropy(z / t[:, None], y, reduction="none")
+    return (ce * _label_prob(z, y)).mean()
+
+
+def soft_top_p_loss(logits, temperature, top_p, labels, steepness: float = 30.0, mask=None):
+    """Differentiable top-p surrogate.
+
+    p = softmax(z / T) (T is NOT detached), sorted descending, inclusive cumulative sum c;
+    mask m = exp(-steepness * relu(c - P)) put back in vocabulary order; p~ = p m / (sum p m + 1e-9);
+    per token -log(p~[y] + 1e-9) * stopgrad(softmax(z)[y]); mean over selected tokens.
+    """
+    selected = _selected(labels, mask)
+    if not selected.any():
+        return _zero(temperature, top_p)
+    z, y = _f32(logits[selected]), labels[selected]
+    t = _f32(temperature[selected]).clamp_min(1e-8)
+    p_top = _f32(top_p[selected])
+    p = torch.softmax(z / t[:, None], dim=-1)
+    sorted_p, order = p.sort(dim=-1, descending=True)
+    decay = torch.exp(-steepness * torch.relu(sorted_p.cumsum(-1) - p_top[:, None]))
+    m = torch.empty_like(p).scatter(-1, order, decay)
+    pm = p * m
+    p_label = pm.gather(-1, y[:, None]).squeeze(-1) / (pm.sum(-1) + 1e-9)
+    return (-torch.log(p_label + 1e-9) * _label_prob(z, y)).mean()
+
+
+def required_temperature(logits, labels, min_p_ratio: float = 0.1) -> torch.Tensor:
+    """Smallest T at which min-p (ratio r, applied after temperature) keeps the label, [B, L].
+
+    The label survives iff p_y / p_max = exp(-(z_max - z_y) / T) >= r, i.e.
+    T >= T_req = relu(z_max - z_y) / (-ln r). 0 where the label is the argmax; 0 at ignored
+    positions. No gradient (it is a target).
+    """
+    r = min(max(float(min_p_ratio), 1e-6), 1 - 1e-6)
+    with torch.no_grad():
+        y = labels.clamp_min(0)
+        z_y = _f32(logits.gather(-1, y.unsqueeze(-1)).squeeze(-1))
+        delta = torch.relu(_f32(logits.max(-1).values) - z_y)
+        t_req = delta / -math.log(r)
+    return t_req.masked_fill(labels == IGNORE_INDEX, 0.0)
+
+
+def min_p_hinge_loss(logits, temperature, labels, min_p_ratio: float = 0.1, under_weight: float = 1.0,
+                     over_weight: float = 1.0, temp_cap: float | None = 2.0, mask=None):
+    """Temperature-first objective ("analytic_min_p_hinge").
+
+    Mean over selected tokens of `under_weight * relu(T_req - T) + over_weight * relu(T - T_req)^2`:
+    a linear push up while T is too cold for min-p to keep the label, a quadratic pull down when
+    it is hotter than needed.
+
+    temp_cap: T_req is clamped to the cap (default 2.0, the temperature head's range). A target
+    above what the head can output would only saturate the sigmoid; with the cap it pulls T
+    towards the cap instead. `goldilocks_mask` with the same cap drops those tokens altogether,
+    in which case the clamp never binds. None or a value <= 0 (e.g. -1) disables the clamp.
+    """
+    selected = _selected(labels, mask)
+    if not selected.any():
+        return _zero(temperature)
+    t_req = required_temperature(logits, labels, min_p_ratio)[selected]
+    if temp_cap is not None and temp_cap > 0:
+        t_req = t_req.clamp_max(temp_cap)
+    t = _f32(temperature[selected])
+    loss = under_weight * torch.relu(t_req - t) + over_weight * torch.relu(t - t_req) ** 2
+    return loss.mean()
+
+
+def label_rank(logits, labels) -> torch.Tensor:
+    """Rank of the label under the base distribution (0 = argmax): tokens with a larger logit."""
+    with torch.no_grad():
+        z_y = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1))
+        return (logits > z_y).sum(-1)
+
+
+def _keep_random(keep: torch.Tensor, members: torch.Tensor, k: int, generator) -> torch.Tensor:
+    """Keep exactly k random positions among `members` (bool, same shape as keep); others untouched."""
+    n = int(members.sum())
+    if k >= n:
+        return keep
+    score = _rand(members.shape, generator, members.device).masked_fill(~members, 2.0)
+    chosen = torch.zeros(members.numel(), dtype=torch.bool, device=members.device)
+    chosen[score.flatten().topk(k, largest=False).indices] = True
+    return keep & (~members | chosen.view_as(members))
+
+
+def goldilocks_mask(logits, labels, min_p_ratio: float = 0.1, temp_cap: float | None = 2.0,
+                    rebalance: bool = False, num_bins: int = 20, easy_frac: float | None = None,
+                    topk: int | None = None, generator=None) -> torch.Tensor:
+    """Select the "just right" tokens to train the temperature on; bool [B, L] (aligned tensors).
+
+    Applied in this order on the valid tokens (label != -100):
+    - cap: keep T_req <= temp_cap (the head cannot reach more); None or <= 0 (-1) disables;
+    - topk: keep tokens whose label rank under the base distribution is < topk (drop hopeless ones);
+    - easy_frac: "easy" means the label is the base argmax (rank 0, equivalently T_req == 0, the
+      same notion as the legacy easy-token drop); keep exactly round(easy_frac * n_easy) of them,
+      chosen at random;
+    - rebalance: bin T_req over [0, cap] (over [0, max T_req] without a cap) into `num_bins` bins
+      and downsample each non-empty bin at random to the count of the smallest non-empty bin.
+    Random choices use `generator` (on any device). The caller logs the counts.
+    """
+    keep = labels != IGNORE_INDEX
+    t_req = required_temperature(logits, labels, min_p_ratio)
+    capped = temp_cap is not None and temp_cap > 0
+    if capped:
+        keep &= t_req <= temp_cap
+    rank = label_rank(logits, labels) if (topk is not None or easy_frac is not None) else None
+    if topk is not None:
+        keep &= rank < topk
+    if easy_frac is not None:
+        easy = keep & (rank == 0)
+        keep = _keep_random(keep, easy, int(round(easy_frac * int(easy.sum()))), generator)
+    if rebalance and keep.any():
+        hi = float(temp_cap) if capped else float(t_req[keep].max())
+        bins = (t_req / max(hi, 1e-12) * num_bins).floor().long().clamp(0, num_bins - 1)
+        counts = torch.bincount(bins[keep], minlength=num_bins)
+        smallest = int(counts[counts > 0].min())
+        for b in torch.nonzero(counts > smallest).flatten().tolist():
+            keep = _keep_random(keep, keep & (bins == b), smallest, generator)
+    return keep
+
+
+def min_p_diagnostics(logits, temperature, labels, min_p_ratio: float = 0.1, mask=None) -> dict:
+    """Scalars worth logging for the hinge objective: mean T, mean T_req, and the fraction of
+    selected tokens whose label survives min-p at the predicted T (T >= T_req)."""
+    selected = _selected(labels, mask)
+    with torch.no_grad():
+        t = temperature.detach()[selected].float()
+        t_req = required_temperature(logits, labels, min_p_ratio)[selected]
+        n = max(int(selected.sum()), 1)
+        return {"temperature": float(t.sum() / n), "required_temperature": float(t_req.sum() / n),
+                "min_p_ok": float((t >= t_req).sum() / n), "tokens": int(selected.sum())}
+
+
+def training_losses(output: AutoDecoOutput, labels, objective: str = "legacy", mask=None, generator=None,
+                    easy_token_drop: float = 0.6, steepness: float = 30.0, min_p_ratio: float = 0.1,
+                    under_weight: float = 1.0, over_weight: float = 1.0, temp_cap: float | None = 2.0) -> dict:
+    """All losses of one batch: {"loss", "temp_loss", "top_p_loss"} (absent heads give None).
+
+    `labels` are HF-style (aligned with input_ids, prompt = -100); the shift happens here.
+    `mask` (e.g. from `goldilocks_mask`) is over the SHIFTED positions, [B, L - 1].
+    objective: "legacy" (temperature CE) or "analytic_min_p_hinge" for the temperature head.
+    """
+    logits, temperature, top_p, labels = shift_for_next_token(output.logits, output.temperature, output.top_p, labels)
+    temp_loss = top_p_loss = None
+    if temperature is not None:
+        if objective == "legacy":
+            temp_loss = temperature_loss(logits, temperature, labels, easy_token_drop, generator, mask=mask)
+        elif objective == "analytic_min_p_hinge":
+            temp_loss = min_p_hinge_loss(logits, temperature, labels, min_p_ratio, under_weight, over_weight,
+                                         temp_cap, mask=mask)
+        else:
+            raise ValueError(f"unknown objective {objective!r}: use 'legacy' or 'analytic_min_p_hinge'")
+    if top_p is not None:
+        t = temperature if temperature is not None else torch.ones_like(top_p)
+        top_p_loss = soft_top_p_loss(logits, t, top_p, labels, steepness, mask=mask)
+    loss = sum(x for x in (temp_loss, top_p_loss) if x is not None)
+    return {"loss": loss, "temp_loss": temp_loss, "top_p_loss": top_p_loss}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Generation with HF generate
+# ---------------------------------------------------------------------------------------------
+
+
+class AutoDecoLogitsProcessor(LogitsProcessor):
+    """Per-token temperature and top-p from the heads, as the vLLM fork of the original applies them.
+
+    For each row: T = T_hat * user_temperature (user_temperature == 0: greedy), P = clamp(P_hat *
+    user_top_p, 0, 1); then temperature, hard top-p (the top token always stays) and, for
+    hinge-trained heads, optional min-p (keep p >= min_p * max p). A missing head means T_hat = 1
+    or P_hat = 1.
+
+    It needs the final hidden state and raw logits of the last position, which `attach(model)`
+    records with hooks on the model's lm_head (no second forward). `autodeco_generate` does the
+    wiring; by hand:
+
+        proc = AutoDecoLogitsProcessor(temp_head, top_p_head)
+        with proc.attach(model):
+            model.generate(ids, logits_processor=[proc], do_sample=True, temperature=1.0,
+                           top_p=1.0, top_k=0, disable_compile=True)
+
+    With `record=True` the T and P actually used are kept per step (`recorded()` -> [B, steps]).
+    The heads' features come from the raw lm_head output, so processors that run earlier
+    (repetition penalty...) change what is sampled from but not what the heads see.
+    """
+
+    def __init__(self, temp_head=None, top_p_head=None, user_temperature: float = 1.0, user_top_p: float = 1.0,
+                 min_p: float | None = None, record: bool = False):
+        self.temp_head, self.top_p_head = temp_head, top_p_head
+        self.user_temperature, self.user_top_p, self.min_p = float(user_temperature), float(user_top_p), min_p
+        self.record = record
+        self.store: dict | None = None
+        self._last_call = 0
+        self.temperatures: list[torch.Tensor] = []
+        self.top_ps: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def attach(self, model):
+        with capture_lm_head(model, last_only=True) as store:
+            self.store, self._last_call = store, 0
+            try:
+                yield self
+            finally:
+                self.store = None
+
+    def recorded(self):
+        """(T, P) used at each step, float32 [B, steps] each (None before any step)."""
+        if not self.temperatures:
+            return None, None
+        return torch.stack(self.temperatures, 1), torch.stack(self.top_ps, 1)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.store is None or "hidden" not in self.store:
+            raise RuntimeError("AutoDecoLogitsProcessor saw no hidden state: wrap generate in `proc.attach(model)`")
+        if self.store["calls"] == self._last_call:
+            # e.g. a torch.compile'd forward (static cache on GPU) runs without the Python hooks
+            raise RuntimeError("lm_head hooks did not fire for this step (compiled forward?): generate with "
+                               "disable_compile=True")
+        self._last_call = self.store["calls"]
+        hidden, raw = self.store["hidden"], self.store["logits"]
+        if hidden.shape[0] != scores.shape[0]:
+            raise RuntimeError(f"captured batch {hidden.shape[0]} != scores batch {scores.shape[0]}")
+        t_hat, p_hat = predict_heads(self.temp_head, self.top_p_head, hidden, raw)
+        ones = torch.ones(scores.shape[0], device=scores.device, dtype=torch.float32)
+        t_hat = ones if t_hat is None else t_hat.float().to(scores.device)
+        p_hat = ones if p_hat is None else p_hat.float().to(scores.device)
+        temperature = t_hat * self.user_temperature
+        top_p = (p_hat * self.user_top_p).clamp(0.0, 1.0)
+        if self.record:
+            self.temperatures.append(temperature)
+            self.top_ps.append(top_p)
+        if self.user_temperature == 0:  # greedy: all mass on the argmax
+            return torch.full_like(scores, -float("inf")).scatter(-1, scores.argmax(-1, keepdim=True), 0.0)
+        return warp_logits(scores, temperature, top_p, self.min_p)
+
+
+def warp_logits(scores, temperature, top_p, min_p: float | None = None):
+    """Temperature, then hard top-p (top token always kept; P >= 1 keeps all), then min-p.
+
+    scores [B, V]; temperature, top_p [B]. Removed tokens get -inf.
+    """
+    z = scores / temperature.clamp_min(1e-6)[:, None]
+    sorted_z, order = z.sort(dim=-1, descending=True)
+    probs = torch.softmax(sorted_z, dim=-1)
+    mass_before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
+    drop_sorted = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    z = z.masked_fill(drop, -float("inf"))
+    if min_p is not None and min_p > 0:
+        p = torch.softmax(z, dim=-1)  # renormalising does not change p / max p
+        z = z.masked_fill(p < min_p * p.max(-1, keepdim=True).values, -float("inf"))
+    return z
+
+
+class AutoDecoGeneration(NamedTuple):
+    """Columns of temperature / top_p match the generated tokens; after a row's EOS they hold
+    values computed on the padding that follows it."""
+
+    sequences: torch.Tensor  # [B, prompt + new]
+    temperature: torch.Tensor  # [B, new] final T used per generated token (0 when greedy)
+    top_p: torch.Tensor  # [B, new] final P used per generated token
+
+
+# generate's own warpers, set to values that do nothing, so only the processor shapes sampling.
+_NEUTRAL_SAMPLING = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, typical_p=1.0, epsilon_cutoff=0.0,
+                         eta_cutoff=0.0, num_beams=1)
+
+
+def autodeco_generate(model, heads, input_ids, attention_mask=None, user_temperature: float = 1.0,
+                      user_top_p: float = 1.0, min_p: float | None = None, logits_processor=None,
+                      **generate_kwargs) -> AutoDecoGeneration:
+    """`model.generate` sampling with the heads' per-token T and P; one forward per token.
+
+    model: any HF causal LM (or an AutoDecoModel, whose `llm` is used). heads: an AutoDecoModel
+    or a (temp_head, top_p_head) pair (either may be None); None takes them from `model`.
+    Other keyword arguments go to `generate` (max_new_tokens, cache_implementation="static",
+    pad_token_id...). For a batch, pad on the left. Auto-compilation (static cache on GPU) is
+    always disabled: a compiled forward skips the Python hooks that feed the processor.
+    """
+    llm = model.llm if isinstance(model, AutoDecoModel) else model
+    if heads is None:
+        heads = model
+    temp_head, top_p_head = heads.heads() if isinstance(heads, AutoDecoModel) else heads
+    proc = AutoDecoLogitsProcessor(temp_head, top_p_head, user_temperature, user_top_p, min_p, record=True)
+    config = copy.deepcopy(llm.generation_config)
+    model_kwargs = config.update(**generate_kwargs)
+    config.update(**_NEUTRAL_SAMPLING)
+    if config.min_p is not None:
+        config.min_p = 0.0  # a None would be refilled from the model's own generation config
+    if getattr(config, "top_h", None) is not None:
+        raise ValueError("top_h sampling cannot be combined with AutoDeco; unset generation_config.top_h")
+    config.disable_compile = True  # a compiled forward would skip the hooks that feed the processor
+    processors = list(logits_processor or []) + [proc]
+    with torch.no_grad(), proc.attach(llm):
+        out = llm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                           logits_processor=processors, **model_kwargs)
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    temperature, top_p = proc.recorded()
+    if temperature is None:
+        empty = sequences.new_zeros(sequences.shape[0], 0, dtype=torch.float32)
+        temperature, top_p = empty, empty
+    return AutoDecoGeneration(sequences, temperature, top_p)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Export in the original format
+# ---------------------------------------------------------------------------------------------
+
+_HEAD_PREFIXES = ("temp_head.", "top_p_head.")
+
+
+def save_autodeco(output_dir, temp_head, top_p_head, config: AutoDecoConfig) -> None:
+    """Write `config.json` and a heads-only `model.safetensors` (keys `temp_head.mlp.0.weight`...)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for prefix, head in (("temp_head.", temp_head), ("top_p_head.", top_p_head)):
+        if head is not None:
+            tensors.update({prefix + k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
+    config = copy.copy(config)
+    config.enable_temperature_head = temp_head is not None
+    config.enable_top_p_head = top_p_head is not None
+    if temp_head is not None:
+        config.hidden_size = temp_head.mlp[0].in_features
+    elif top_p_head is not None:
+        config.hidden_size = top_p_head.hidden_size
+    save_file(tensors, str(out / HEADS_FILE), metadata={"format": "pt"})
+    config.save(out)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / f"{HEADS_FILE}.index.json"
+    if index.is_file():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / HEADS_FILE).is_file():
+        return [folder / HEADS_FILE]
+    raise FileNotFoundError(f"no {HEADS_FILE} (or its index) in {folder}")
+
+
+def _read_tensors(folder: Path, prefixes: tuple[str, ...]) -> dict:
+    """Tensors whose key starts with one of `prefixes`, read lazily from (sharded) safetensors."""
+    tensors = {}
+    for file in _weight_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefixes):
+                    tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def _has_base_weights(folder: Path) -> bool:
+    for file in _weight_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            if any(k.startswith("llm.") for k in f.keys()):
+                return True
+    return False
+
+
+def _check_hidden_size(heads: dict, config: AutoDecoConfig, llm: nn.Module, where) -> None:
+    """Refuse heads whose input width differs from the base model's final hidden state."""
+    size = head_input_size(llm)
+    extra = {"temp_head.mlp.0.weight": 0, "top_p_head.mlp.0.weight": 5 if config.use_enhanced_features else 1}
+    for key, n_extra in extra.items():
+        if key in heads and heads[key].shape[1] - n_extra != size:
+            name = getattr(llm, "name_or_path", "") or type(llm).__name__
+            raise ValueError(f"AutoDeco heads in {where} were trained for hidden size {heads[key].shape[1] - n_extra}, "
+                             f"but the base model {name} has hidden size {size}")
+
+
+def _build_base_from_merged(folder: Path, config: AutoDecoConfig):
+    """The base model of a merged folder, built from the base config stored in config.json."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = dict(config.base_config)
+    model_type = base.pop("model_type", config.base_model_type)
+    base.pop("transformers_version", None)
+    weights = {k[len("llm."):]: v for k, v in _read_tensors(folder, ("llm.",)).items()}
+    dtype = next((v.dtype for v in weights.values() if v.is_floating_point()), torch.float32)
+    llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **base), dtype=dtype)
+    llm.load_state_dict(weights, strict=True)
+    return llm.eval()
+
+
+def load_autodeco(path, model=None, dtype=torch.float32, device="cpu", return_tokenizer: bool = False):
+    """An `AutoDecoModel` from a heads-only or merged AutoDeco folder.
+
+    model: an HF causal LM to put the heads on, a name/path for `testtime.loading`, or None:
+    then a merged folder supplies its own base weights and a heads-only folder loads
+    `config.base_model_name_or_path`. Raises ValueError when the heads' hidden size does not
+    match the base model's.
+    """
+    from testtime.loading import load_model_and_tokenizer, load_tokenizer
+
+    folder = Path(path)
+    config = AutoDecoConfig.load(folder)
+    heads = _read_tensors(folder, _HEAD_PREFIXES)
+    tokenizer = None
+    if model is None and _has_base_weights(folder):
+        model = _build_base_from_merged(folder, config).to(device)
+        if return_tokenizer:
+            tokenizer = load_tokenizer(folder)
+    elif model is None or isinstance(model, (str, os.PathLike)):
+        name = model or config.base_model_name_or_path
+        if not name:
+            raise ValueError(f"{folder}/{CONFIG_FILE} names no base_model_name_or_path; pass model=")
+        model, tokenizer = load_model_and_tokenizer(name, dtype=dtype, device=device)
+    _check_hidden_size(heads, config, model, folder / HEADS_FILE)
+    width = next((v.shape[0] for k, v in heads.items() if k.endswith("mlp.0.weight")), config.head_width)
+    wrapper = AutoDecoModel(model, config.enable_temperature_head, config.enable_top_p_head,
+                            config.use_enhanced_features, width, config.base_model_name_or_path)
+    wrapper.config.base_config = config.base_config or wrapper.config.base_config
+    wanted = wrapper.heads_state_dict().keys()
+    missing = [k for k in wanted if k not in heads]
+    if missing:
+        raise ValueError(f"{folder / HEADS_FILE} lacks head weights {missing}")
+    # Published files hold both heads even when one is disabled: load only the enabled ones.
+    wrapper.load_state_dict({k: heads[k] for k in wanted}, strict=False)
+    wrapper.to(device)
+    return (wrapper, tokenizer) if return_tokenizer else wrapper
+
+
+def _unshared(state: dict) -> dict:
+    """Clone tensors that share storage (tied embeddings): safetensors refuses shared tensors."""
+    seen, out = set(), {}
+    for key, value in state.items():
+        ptr = (value.untyped_storage().data_ptr(), value.storage_offset())
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _save_sharded(tensors: dict, folder: Path, max_shard_size) -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    for file, keys in split.filename_to_tensors.items():
+        save_file({k: tensors[k] for k in keys}, str(folder / file), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / f"{HEADS_FILE}.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def merge_autodeco(heads_dir, output_dir, model=None, dtype="auto", max_shard_size="5GB") -> None:
+    """One serving checkpoint: base weights prefixed `llm.` plus the heads, config and tokenizer.
+
+    The base comes from `model` (module or name) or the config's `base_model_name_or_path`,
+    loaded in its checkpoint dtype by default.
+    """
+    from testtime.loading import load_model_and_tokenizer
+
+    heads_dir, out = Path(heads_dir), Path(output_dir)
+    config = AutoDecoConfig.load(heads_dir)
+    heads = _read_tensors(heads_dir, _HEAD_PREFIXES)
+    tokenizer = None
+    if model is None or isinstance(model, (str, os.PathLike)):
+        name = model or config.base_model_name_or_path
+        if not name:
+            raise ValueError(f"{heads_dir}/{CONFIG_FILE} names no base_model_name_or_path; pass model=")
+        model, tokenizer = load_model_and_tokenizer(name, dtype=dtype)
+    _check_hidden_size(heads, config, model, heads_dir / HEADS_FILE)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {"llm." + k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tensors = _unshared(tensors)
+    tensors.update(heads)
+    _save_sharded(tensors, out, max_shard_size)
+    config = copy.copy(config)
+    config.base_config = model.config.to_dict()
+    config.base_model_type = model.config.model_type
+    config.save(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+
+
+def split_autodeco(merged_dir, output_dir) -> None:
+    """Back from a merged checkpoint to a heads-only folder (config, heads, tokenizer files)."""
+    merged, out = Path(merged_dir), Path(output_dir)
+    config = AutoDecoConfig.load(merged)
+    heads = _read_tensors(merged, _HEAD_PREFIXES)  # lazily: the base weights are never loaded
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(heads, str(out / HEADS_FILE), metadata={"format": "pt"})
+    config.save(out)
+    for file in merged.iterdir():
+        if file.is_file() and not (file.name.endswith(".safetensors") or file.name.endswith(".index.json")
+                                   or file.name == CONFIG_FILE):
+            shutil.copy2(file, out / file.name)
+
+
+__all__ = [
+    "AutoDecoConfig", "AutoDecoGeneration", "AutoDecoLogitsProcessor", "AutoDecoModel", "AutoDecoOutput",
+    "TempHead", "TopPHead", "autodeco_generate", "capture_lm_head", "goldilocks_mask", "head_input_size",
+    "label_rank", "load_autodeco", "merge_autodeco", "min_p_diagnostics", "min_p_hinge_loss", "predict_heads",
+    "prob_stats", "required_temperature", "save_autodeco", "shift_for_next_token", "soft_top_p_loss",
+    "split_autodeco", "temperature_loss", "training_losses", "warp_logits",
+]
