@@ -24,12 +24,14 @@ class Trainer(L.Trainer):
     """Lightning's Trainer plus `export`."""
 
     def export(self, model: L.LightningModule, ckpt_path: str | None = None, output_dir: str = "export",
-               datamodule: L.LightningDataModule | None = None) -> None:
+               merged: bool = False, datamodule: L.LightningDataModule | None = None) -> None:
         """Write a serving checkpoint of the model (from ckpt_path if given) into output_dir.
 
         Args:
             ckpt_path: a Lightning checkpoint written by `fit`; without it the freshly configured model is exported.
             output_dir: the folder to write (the method's own format; see the README).
+            merged: include the frozen base weights (methods that train heads or adapters), so the
+                folder serves on its own.
         """
         if not hasattr(model, "export"):
             raise SystemExit(f"{type(model).__name__} does not define export(output_dir)")
@@ -40,7 +42,7 @@ class Trainer(L.Trainer):
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
             model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading)
         if self.is_global_zero:
-            model.export(output_dir)
+            model.export(output_dir, merged=merged)
             rank_zero_info(f"exported {type(model).__name__} to {output_dir}")
 
 

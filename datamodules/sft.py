@@ -189,13 +189,10 @@ class SFTDataModule(pl.LightningDataModule):
     `position_ids` when packing.
 
     Packing (`packing=True`) fills rows of `max_length` tokens with several records (TRL's
-    `pack_dataset`, best-fit decreasing); `position_ids` restart at 0 for each record. Whether
-    packed records are isolated from each other depends on how the model is called, as TRL
-    documents: isolation needs flash-attention's variable-length kernels (padding-free batches).
-    With SDPA or eager attention and the 2-D `attention_mask` of these batches, every token of a
-    row also attends to the earlier records of that row. (Transformers 5 builds a per-record
-    causal mask from restarting `position_ids` for SDPA/eager too, but only when the model is
-    called with `attention_mask=None` and `use_cache=False`; checked against transformers 5.23.)
+    `pack_dataset`, best-fit decreasing); `position_ids` restart at 0 for each record. To keep
+    packed records from attending to each other, call the model with these `position_ids`,
+    `attention_mask=None` and `use_cache=False`: transformers then builds one causal block per
+    record, for SDPA and eager attention too (`CausalLMModule` does this; tested).
 
     Args:
         model_name_or_path: the tokenizer's source (a local Hugging Face folder or an alias of

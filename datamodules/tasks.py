@@ -79,7 +79,7 @@ class TaskDataModule(pl.LightningDataModule):
         n_train: int = 2000,
         n_val: int = 100,
         n_test: int = 200,
-        difficulty: int = 1,
+        difficulty: int = 2,
         kinds: list[str] | None = None,
         seed: int = 0,
         batch_size: int = 16,

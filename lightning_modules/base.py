@@ -92,6 +92,10 @@ class TesttimeModule(L.LightningModule):
         return [{"completion": c[0], "answer": a} for c, a in zip(completions, answers)]
 
     # -- export ------------------------------------------------------------------------------
-    def export(self, output_dir: str) -> None:
-        """Write a serving checkpoint into `output_dir` (each method defines its format)."""
+    def export(self, output_dir: str, merged: bool = False) -> None:
+        """Write a serving checkpoint into `output_dir` (each method defines its format).
+
+        `merged`: for methods that train a small part on a frozen base, also write the base
+        weights, so that one folder serves on its own.
+        """
         raise NotImplementedError(f"{type(self).__name__} has no export format")

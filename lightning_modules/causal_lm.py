@@ -66,8 +66,11 @@ class CausalLMModule(TesttimeModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def export(self, output_dir: str) -> None:
-        """A Hugging Face folder (safetensors + config + tokenizer) that reloads with `from_pretrained`."""
+    def export(self, output_dir: str, merged: bool = False) -> None:
+        """A Hugging Face folder (safetensors + config + tokenizer) that reloads with `from_pretrained`.
+
+        Every weight is trained here, so the export is always complete (`merged` changes nothing).
+        """
         os.makedirs(output_dir, exist_ok=True)
         self.model.save_pretrained(output_dir)
         self.tokenizer.save_pretrained(output_dir)
