@@ -1,1 +1,20 @@
-"""Callbacks: diagnostics, token filtering and export hooks shared by the methods."""
+"""Callbacks: diagnostics, token filtering and export hooks shared by the methods.
+
+Importing the package registers the classes, so configs may name them by their short names
+(`class_path: GoldilocksFilter`) as well as by their full paths.
+
+- `GoldilocksFilter` (`callbacks.goldilocks`): installs itself as `pl_module.token_filter` and
+  selects the tokens a temperature head trains on (`testtime.autodeco.goldilocks_mask`).
+- `EntropyDiagnostics` (`callbacks.entropy_diagnostics`): sets `pl_module.collect_diagnostics`
+  and turns the per-token tensors `training_step` returns into JSON lines and plots.
+- `ExportOnFitEnd` (`callbacks.export`): writes the method's serving checkpoint when `fit` ends.
+
+Callbacks import `testtime/` only, never `lightning_modules/` or `cli.py`; they talk to a module
+through the attributes above (`token_filter`, `collect_diagnostics`, `export`).
+"""
+
+from callbacks.entropy_diagnostics import EntropyDiagnostics
+from callbacks.export import ExportOnFitEnd
+from callbacks.goldilocks import GoldilocksFilter
+
+__all__ = ["EntropyDiagnostics", "ExportOnFitEnd", "GoldilocksFilter"]

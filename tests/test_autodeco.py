@@ -324,7 +324,7 @@ def test_heads_float32_on_bf16_base(tokenizer):
     assert out.temperature.dtype == out.top_p.dtype == torch.float32
 
 
-@pytest.mark.parametrize("objective", ["legacy", "analytic_min_p_hinge"])
+@pytest.mark.parametrize("objective", ["legacy_ce", "analytic_min_p_hinge"])
 def test_training_lowers_each_loss(tiny_llama, objective):
     llm, tok = tiny_llama
     torch.manual_seed(0)

@@ -491,25 +491,25 @@ def min_p_diagnostics(logits, temperature, labels, min_p_ratio: float = 0.1, mas
                 "min_p_ok": float((t >= t_req).sum() / n), "tokens": int(selected.sum())}
 
 
-def training_losses(output: AutoDecoOutput, labels, objective: str = "legacy", mask=None, generator=None,
+def training_losses(output: AutoDecoOutput, labels, objective: str = "legacy_ce", mask=None, generator=None,
                     easy_token_drop: float = 0.6, steepness: float = 30.0, min_p_ratio: float = 0.1,
                     under_weight: float = 1.0, over_weight: float = 1.0, temp_cap: float | None = 2.0) -> dict:
     """All losses of one batch: {"loss", "temp_loss", "top_p_loss"} (absent heads give None).
 
     `labels` are HF-style (aligned with input_ids, prompt = -100); the shift happens here.
     `mask` (e.g. from `goldilocks_mask`) is over the SHIFTED positions, [B, L - 1].
-    objective: "legacy" (temperature CE) or "analytic_min_p_hinge" for the temperature head.
+    objective: "legacy_ce" (temperature CE) or "analytic_min_p_hinge" for the temperature head.
     """
     logits, temperature, top_p, labels = shift_for_next_token(output.logits, output.temperature, output.top_p, labels)
     temp_loss = top_p_loss = None
     if temperature is not None:
-        if objective == "legacy":
+        if objective == "legacy_ce":
             temp_loss = temperature_loss(logits, temperature, labels, easy_token_drop, generator, mask=mask)
         elif objective == "analytic_min_p_hinge":
             temp_loss = min_p_hinge_loss(logits, temperature, labels, min_p_ratio, under_weight, over_weight,
                                          temp_cap, mask=mask)
         else:
-            raise ValueError(f"unknown objective {objective!r}: use 'legacy' or 'analytic_min_p_hinge'")
+            raise ValueError(f"unknown objective {objective!r}: use 'legacy_ce' or 'analytic_min_p_hinge'")
     if top_p is not None:
         t = temperature if temperature is not None else torch.ones_like(top_p)
         top_p_loss = soft_top_p_loss(logits, t, top_p, labels, steepness, mask=mask)

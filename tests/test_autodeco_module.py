@@ -1,0 +1,150 @@
+"""AutoDecoModule: frozen base, heads-only checkpoints, training modes, evaluation table, export via the CLI."""
+
+import json
+import pytest
+import torch
+
+from datamodules.tasks import TaskDataModule
+from lightning_modules.autodeco import AutoDecoModule
+from testtime.autodeco import autodeco_generate, load_autodeco
+from tests.conftest import ROOT
+
+TINY = str(ROOT / "configs/autodeco/tiny.yaml")
+
+
+def _module(path, **kwargs):
+    module = AutoDecoModule(model_name_or_path=path, learning_rate=1e-2, **kwargs)
+    module.configure_model()
+    return module
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model_dir):
+    dm = TaskDataModule(tiny_model_dir, n_train=16, n_val=4, n_test=4, batch_size=8)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def _train(module, batch, steps):
+    optimizer = module.configure_optimizers()["optimizer"]
+    for _ in range(steps):
+        optimizer.zero_grad()
+        module.training_step(batch, 0).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("objective", ["legacy_ce", "analytic_min_p_hinge"])
+def test_training_lowers_the_loss_and_leaves_the_base_untouched(tiny_model_dir, batch, objective):
+    module = _module(tiny_model_dir, objective=objective, easy_token_drop=0.0)
+    base_before = {k: v.clone() for k, v in module.model.llm.state_dict().items()}
+    first = module._losses(batch)[0]["loss"].item()
+    _train(module, batch, 30)
+    assert module._losses(batch)[0]["loss"].item() < 0.9 * first
+    for name, param in module.model.llm.named_parameters():
+        assert param.grad is None and not param.requires_grad, name
+        assert torch.equal(param, base_before[name]), name
+    assert not module.model.llm.training  # frozen base stays in eval mode
+
+
+def test_checkpoint_holds_only_the_heads_and_restores_them(tiny_model_dir, batch):
+    module = _module(tiny_model_dir)
+    _train(module, batch, 3)
+    state = module.state_dict()
+    assert state and all(k.startswith(("model.temp_head.", "model.top_p_head.")) for k in state)
+    fresh = _module(tiny_model_dir)
+    fresh.load_state_dict(state, strict=fresh.strict_loading)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_training_modes_choose_the_trainable_heads(tiny_model_dir, batch, tmp_path):
+    temp_only = _module(tiny_model_dir, train_top_p=False)
+    assert temp_only.model.top_p_head is None
+    assert temp_only._losses(batch)[0]["top_p_loss"] is None
+
+    temp_only.export(str(tmp_path / "temp"))
+    staged = _module(tiny_model_dir, train_temp=False, train_top_p=True, init_heads_from=str(tmp_path / "temp"))
+    for k, v in staged.model.temp_head.state_dict().items():  # the exported head, frozen
+        assert torch.equal(v, temp_only.model.temp_head.state_dict()[k]), k
+    frozen = {k: v.clone() for k, v in staged.model.temp_head.state_dict().items()}
+    _train(staged, batch, 3)
+    assert all(torch.equal(v, frozen[k]) for k, v in staged.model.temp_head.state_dict().items())
+    assert all(p.grad is None for p in staged.model.temp_head.parameters())
+    assert any(p.grad is not None for p in staged.model.top_p_head.parameters())
+
+    with pytest.raises(ValueError, match="nothing to train"):
+        AutoDecoModule(tiny_model_dir, train_temp=False, train_top_p=False)
+
+
+def test_token_filter_restricts_the_loss(tiny_model_dir, batch):
+    module = _module(tiny_model_dir, objective="analytic_min_p_hinge")
+    module.collect_diagnostics = True
+    calls = []
+
+    def keep_first_valid_token(logits, labels):
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        row, col = (labels != -100).nonzero()[0]
+        mask[row, col] = True
+        calls.append(logits.shape[:2] == labels.shape)
+        return mask
+
+    module.token_filter = keep_first_valid_token
+    out = module.training_step(batch, 0)
+    assert calls == [True]
+    assert out["diagnostics"]["temperature"].numel() == 1  # the diagnostics cover the kept token only
+
+
+def test_recorded_mean_prediction_matches_the_generation(tiny_model_dir, tiny_llama):
+    module = _module(tiny_model_dir)
+    tok = module.tokenizer
+    ids = torch.tensor([tok("1+2=")["input_ids"], tok("3+4=")["input_ids"]])
+    mask = torch.ones_like(ids)
+    torch.manual_seed(0)
+    expected = autodeco_generate(module.model.llm, module.model, ids, mask, max_new_tokens=6,
+                                 pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    sequences = module.autodeco_generate_fn(record=True)(module.model.llm, ids, mask, max_new_tokens=6,
+                                                         pad_token_id=tok.pad_token_id, do_sample=True,
+                                                         temperature=0.3, top_p=0.5, top_k=0)
+    assert torch.equal(sequences, expected.sequences)  # the user's static T/P never leak into AutoDeco
+    new = expected.sequences[:, ids.shape[1]:]
+    eos = new == tok.eos_token_id
+    used = (eos.long().cumsum(1) - eos.long()) == 0  # up to and including the first EOS
+    sums = module._prediction_sums
+    assert sums[2] == used.sum()
+    assert torch.isclose(sums[0], (expected.temperature * used).sum().double(), atol=1e-5)
+    assert torch.isclose(sums[1], (expected.top_p * used).sum().double(), atol=1e-5)
+
+
+def test_cli_fit_test_export_roundtrip(run_cli, tmp_path):
+    root = tmp_path / "run"
+    common = ["--config", TINY, f"--trainer.default_root_dir={root}",
+              f"--trainer.logger.init_args.save_dir={root}", f"--trainer.callbacks.dirpath={root}/checkpoints"]
+    out = run_cli("fit", *common)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = root / "checkpoints" / "last.ckpt"
+
+    out = run_cli("test", *common, f"--ckpt_path={ckpt}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(next(root.rglob("test_results.json")).read_text())
+    assert set(results["results"]) == {"test/acc_greedy", "test/acc_sample_T1_p1_k2", "test/acc_best_static",
+                                       "test/acc_mean_static", "test/acc_autodeco"}
+    assert results["best_static"] in {f"sample_T{t}_p{p}_k2" for t in ("0.5", "1") for p in ("0.9", "1")}
+    assert 0 < results["mean_prediction"][0] < 2 and 0 < results["mean_prediction"][1] <= 1
+    assert "AutoDeco evaluation" in out.stderr + out.stdout
+
+    for merged in (False, True):
+        export = tmp_path / f"export-{merged}"
+        out = run_cli("export", *common, f"--ckpt_path={ckpt}", f"--output_dir={export}", f"--merged={merged}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        config = json.loads((export / "config.json").read_text())
+        assert config["model_type"] == "autodeco"
+        reloaded = load_autodeco(export)
+        heads = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        for name, value in reloaded.heads_state_dict().items():
+            assert torch.equal(value, heads[f"model.{name}"]), name
+    merged_files = {p.name for p in (tmp_path / "export-True").iterdir()}
+    heads_only_files = {p.name for p in (tmp_path / "export-False").iterdir()}
+    size = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors"))  # noqa: E731
+    assert size(tmp_path / "export-True") > 2 * size(tmp_path / "export-False")  # base weights included
+    assert "config.json" in merged_files and "config.json" in heads_only_files
