@@ -1,7 +1,8 @@
-"""LightningDataModules: SFT records, LM text blocks and generated verifiable tasks."""
+"""LightningDataModules: SFT records, LM text blocks, generated verifiable tasks, rejection-sampled solutions."""
 
 from datamodules.lm_text import LMTextDataModule
+from datamodules.rejection import RejectionSampledTaskDataModule
 from datamodules.sft import SFTDataModule
 from datamodules.tasks import TaskDataModule
 
-__all__ = ["LMTextDataModule", "SFTDataModule", "TaskDataModule"]
+__all__ = ["LMTextDataModule", "RejectionSampledTaskDataModule", "SFTDataModule", "TaskDataModule"]

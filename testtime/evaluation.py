@@ -267,3 +267,77 @@ def format_table(results: dict[str, float], n_problems: int) -> str:
         se = math.sqrt(accuracy * (1 - accuracy) / n_problems) if n_problems > 0 else float("nan")
         lines.append(f"| {name} | {accuracy:.3f} | {se:.3f} |")
     return "\n".join(lines)
+
+
+def rejection_sample(model, tokenizer, problems: Sequence[Problem], k: int = 4, temperature: float = 1.0,
+                     top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 16, seed: int = 0,
+                     generate_fn: GenerateFn | None = None,
+                     progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The model's own correct solutions: k samples per problem, only those with the right answer kept.
+
+    This is how AutoDeco's training data is made ("the base model's own rejection-sampled correct
+    solutions"). Prompts are batched and left-padded as in `evaluate`; batch i is sampled with seed
+    `seed + i` through `generate_completions` (so the result is deterministic given `seed` and
+    `batch_size`, and the global RNG is left alone). `generate_fn` follows the module's contract.
+
+    A sample is kept when `is_correct` says its last number is the answer; identical texts of one
+    problem are kept once. Each record is a conversational prompt/completion record,
+    `{"prompt": prompt_messages(problem), "completion": [{"role": "assistant", "content": text}],
+    "answer": ..., "question": ...}`, ready for `tokenize_prompt_completion`.
+
+    Each record also says whether its sample `finished` (ended with EOS) or was cut off by
+    `max_new_tokens`: a cut-off sample whose last number happens to be the answer is kept, but
+    training on it teaches the model to stop there; `kept_unfinished` counts them.
+
+    Returns `(records, stats)`; stats counts `problems`, `samples` (drawn), `correct` (correct
+    samples, duplicates included), `kept` (records), `kept_unfinished` and `problems_with_none`
+    (no correct sample).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    inner = generate_fn or (lambda m, ids, mask, **kw: m.generate(input_ids=ids, attention_mask=mask, **kw))
+    captured: list[torch.Tensor] = []
+
+    def capturing(m, ids, mask, **kw):  # keeps the token ids, to tell finished samples from cut-off ones
+        captured[:] = [inner(m, ids, mask, **kw)]
+        return captured[0]
+
+    setting = sampling(temperature, top_p, k, capturing)  # validates k, temperature and top_p
+    device = _model_device(model)
+    eos = _eos_ids(model, tokenizer)
+    records: list[dict[str, Any]] = []
+    stats = {"problems": len(problems), "samples": 0, "correct": 0, "kept": 0, "kept_unfinished": 0,
+             "problems_with_none": 0}
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(problems), desc=f"rejection sampling (k={k})", unit="problem", disable=not progress)
+    try:
+        for i, start in enumerate(range(0, len(problems), batch_size)):
+            chunk = problems[start:start + batch_size]
+            prompts = [encode_prompt(tokenizer, prompt_messages(p)) for p in chunk]
+            ids = pad(prompts, tokenizer.pad_token_id, side="left").to(device)
+            mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(device)
+            completions = generate_completions(model, tokenizer, ids, mask, setting, max_new_tokens, seed + i)
+            finished = [any(t in eos for t in row) for row in captured[0][:, ids.shape[1]:].tolist()]
+            for j, (problem, samples) in enumerate(zip(chunk, completions)):
+                stats["samples"] += len(samples)
+                kept: set[str] = set()
+                for text, done in zip(samples, finished[j * k:(j + 1) * k]):
+                    if not is_correct(text, problem.answer):
+                        continue
+                    stats["correct"] += 1
+                    if text in kept:
+                        continue
+                    kept.add(text)
+                    stats["kept_unfinished"] += not done
+                    records.append({"prompt": prompt_messages(problem),
+                                    "completion": [{"role": "assistant", "content": text}],
+                                    "answer": problem.answer, "question": problem.question, "finished": done})
+                stats["problems_with_none"] += not kept
+            stats["kept"] = len(records)
+            bar.update(len(chunk))
+            bar.set_postfix(kept=len(records), samples=stats["samples"])
+    finally:
+        bar.close()
+        model.train(was_training)
+    return records, stats
