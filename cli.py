@@ -53,6 +53,12 @@ class TesttimeCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.model_name_or_path")
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="after fit, run test on the trained model (one command for a whole recipe)")
+
+    def after_fit(self) -> None:
+        if self.config.fit.get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -1,17 +1,20 @@
 """Data-parallel training on CPU: 2 processes, started through the CLI as a user would."""
 
+import pytest
 import torch
 
 from tests.conftest import ROOT
 
 
-def test_cpu_ddp_fit_ends_with_identical_weights_on_both_ranks(run_cli, tmp_path):
+# AutoDeco: a frozen base with trainable heads must not trip DDP's unused-parameter check.
+@pytest.mark.parametrize("config", ["configs/sft/tiny.yaml", "configs/autodeco/tiny.yaml"])
+def test_cpu_ddp_fit_ends_with_identical_weights_on_both_ranks(run_cli, tmp_path, config):
     probe = tmp_path / "weights"
     out = run_cli(
-        "fit", "--config", str(ROOT / "configs/sft/tiny.yaml"),
+        "fit", "--config", str(ROOT / config),
         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
         "--trainer.max_steps=4", "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0",
-        "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+        "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
         "--trainer.callbacks+=tests.ddp_probe.SaveWeightsPerRank", f"--trainer.callbacks.out_dir={probe}",
         timeout=600,
     )
@@ -23,3 +26,16 @@ def test_cpu_ddp_fit_ends_with_identical_weights_on_both_ranks(run_cli, tmp_path
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert any(not torch.equal(initial[n], rank0[n]) for n in rank0), "training changed nothing"
+
+
+def test_autodeco_trains_under_bf16_mixed(run_cli, tmp_path):
+    probe = tmp_path / "weights"
+    out = run_cli("fit", "--config", str(ROOT / "configs/autodeco/tiny.yaml"), "--trainer.precision=bf16-mixed",
+                  "--trainer.max_steps=4", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+                  "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}",
+                  "--trainer.callbacks=[]", "--trainer.callbacks+=tests.ddp_probe.SaveWeightsPerRank",
+                  f"--trainer.callbacks.out_dir={probe}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    initial, final = torch.load(probe / "initial-rank0.pt"), torch.load(probe / "final-rank0.pt")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in final.values())  # fp32 heads
+    assert any(not torch.equal(initial[n], final[n]) for n in final)
