@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import logging
+from typing import Any, Callable, Sequence
 
 import torch
 from trl.data_utils import apply_chat_template, is_conversational
 
 from testtime.lm import IGNORE_INDEX, encode_prompt, pad  # noqa: F401  (re-exported for datamodules)
+
+log = logging.getLogger(__name__)
 
 
 def normalize_record(record: dict, source: str, index: int) -> dict:
@@ -91,3 +94,28 @@ class PadCollator:
             if key not in batch:
                 batch[key] = [e[key] for e in examples]
         return batch
+
+
+def tokenize_records(tokenizer, records: list[dict], max_length: int, split: str,
+                     extra: Callable[[dict], dict] | None = None) -> tuple[list[dict], dict]:
+    """Tokenize records and cut them to `max_length`, counting what truncation cost.
+
+    A record whose completion is cut off entirely has no label left: it is dropped (and counted),
+    since it would only add compute. Truncated and dropped counts are logged, never silent.
+    `extra(record)` adds fields to each kept example (e.g. the prompt alone, for generation).
+    """
+    examples, truncated, dropped = [], 0, 0
+    for record in records:
+        example = tokenize_prompt_completion(tokenizer, record)
+        if len(example["input_ids"]) > max_length:
+            truncated += 1
+            example = {key: value[:max_length] for key, value in example.items()}
+            if all(label == IGNORE_INDEX for label in example["labels"]):
+                dropped += 1
+                continue
+        examples.append({**example, **extra(record)} if extra else example)
+    stats = {"records": len(records), "truncated": truncated, "dropped": dropped}
+    if truncated:
+        log.warning("truncated %d of %d records in %s to max_length=%d; %d of them lost their whole "
+                    "completion and were dropped", truncated, len(records), split, max_length, dropped)
+    return examples, stats

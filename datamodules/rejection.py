@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from datamodules.common import IGNORE_INDEX, encode_prompt, tokenize_prompt_completion
+from datamodules.common import encode_prompt, tokenize_records
 from datamodules.tasks import TaskDataModule
 from testtime.evaluation import rejection_sample
 from testtime.loading import cache_dir, load_model_and_tokenizer
@@ -294,22 +294,14 @@ class RejectionSampledTaskDataModule(TaskDataModule):
                 "to train on. Sample more (raise samples_per_problem or n_train), make the problems easier (lower "
                 "difficulty), sample more diversely (raise sample_temperature / sample_top_p) or allow longer "
                 f"answers (raise sample_max_new_tokens). Records file: {self.cache_path}")
-        examples, truncated, dropped = [], 0, 0
         max_length = self.max_length
-        for record in records:
-            example = tokenize_prompt_completion(self.tokenizer, {"prompt": record["prompt"],
-                                                                  "completion": record["completion"]})
-            if len(example["input_ids"]) > max_length:
-                truncated += 1
-                example = {key: value[:max_length] for key, value in example.items()}
-                if all(label == IGNORE_INDEX for label in example["labels"]):
-                    dropped += 1
-                    continue
-            examples.append({**example, "prompt_ids": encode_prompt(self.tokenizer, record["prompt"]),
-                             "answer": record.get("answer"), "question": record.get("question")})
-        if truncated:
-            log.warning("truncated %d of %d rejection-sampled records to max_length=%d; %d of them lost their "
-                        "whole completion and were dropped", truncated, len(records), max_length, dropped)
+        records = [{"prompt": r["prompt"], "completion": r["completion"], "answer": r.get("answer"),
+                    "question": r.get("question")} for r in records]
+        examples, counts = tokenize_records(
+            self.tokenizer, records, max_length, "rejection-sampled train",
+            extra=lambda r: {"prompt_ids": encode_prompt(self.tokenizer, r["prompt"]), "answer": r["answer"],
+                             "question": r["question"]})
+        truncated, dropped = counts["truncated"], counts["dropped"]
         if not examples:
             raise ValueError(f"all {len(records)} rejection-sampled records lost their completion to "
                              f"max_length={max_length}; raise max_length")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.common import IGNORE_INDEX, PadCollator, normalize_record, tokenize_prompt_completion
+from datamodules.common import IGNORE_INDEX, PadCollator, normalize_record, tokenize_records
 from testtime.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -120,29 +120,6 @@ def load_dataset_records(name: str, config: str | None, split: str) -> list[dict
 
 
 # -- tokenizing, truncating, packing -----------------------------------------------------------
-
-def tokenize_records(tokenizer, records: list[dict], max_length: int, split: str) -> tuple[list[dict], dict]:
-    """Tokenize records and cut them to `max_length`, counting what truncation cost.
-
-    A record whose completion is cut off entirely has no label left: it is dropped (and counted),
-    since it would only add compute. Truncated and dropped counts are logged, never silent.
-    """
-    examples, truncated, dropped = [], 0, 0
-    for record in records:
-        example = tokenize_prompt_completion(tokenizer, record)
-        if len(example["input_ids"]) > max_length:
-            truncated += 1
-            example = {key: value[:max_length] for key, value in example.items()}
-            if all(label == IGNORE_INDEX for label in example["labels"]):
-                dropped += 1
-                continue
-        examples.append(example)
-    stats = {"records": len(records), "truncated": truncated, "dropped": dropped}
-    if truncated:
-        log.warning("truncated %d of %d records in %s to max_length=%d; %d of them lost their whole "
-                    "completion and were dropped", truncated, len(records), split, max_length, dropped)
-    return examples, stats
-
 
 def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
     """Pack tokenized records into rows of at most `max_length` tokens with TRL's best-fit-decreasing.

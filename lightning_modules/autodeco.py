@@ -186,13 +186,6 @@ class AutoDecoModule(TesttimeModule):
             return losses["loss"]
         return {"loss": losses["loss"], "diagnostics": diagnostics}
 
-    def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        warmup = max(1, self.hparams.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
     # -- decoding settings -------------------------------------------------------------------
     def _min_p(self) -> float | None:
         hp = self.hparams

@@ -91,6 +91,17 @@ class TesttimeModule(L.LightningModule):
         answers = batch.get("answers", [None] * len(completions))
         return [{"completion": c[0], "answer": a} for c, a in zip(completions, answers)]
 
+    # -- optimization ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        """AdamW over the trainable parameters, linear warm-up then constant (`learning_rate`,
+        `weight_decay`, `warmup_steps` hyperparameters of the subclass)."""
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        warmup = max(1, hp.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
     # -- export ------------------------------------------------------------------------------
     def export(self, output_dir: str, merged: bool = False) -> None:
         """Write a serving checkpoint into `output_dir` (each method defines its format).

@@ -59,13 +59,6 @@ class CausalLMModule(TesttimeModule):
             self.log("test/loss", self(batch), sync_dist=True, batch_size=batch["input_ids"].shape[0])
         self.evaluate_batch(batch, batch_idx, "test")
 
-    def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        warmup = max(1, self.hparams.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
     def export(self, output_dir: str, merged: bool = False) -> None:
         """A Hugging Face folder (safetensors + config + tokenizer) that reloads with `from_pretrained`.
 

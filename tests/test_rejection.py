@@ -378,12 +378,12 @@ def test_long_records_are_truncated_and_counted(tiny_model_dir, sampler, caplog)
     dm.prepare_data()
     prompt_len = min(len(e["prompt_ids"]) for e in make_dm(tiny_model_dir).dataset("validation"))
     short = make_dm(tiny_model_dir, max_length=prompt_len + 3)
-    with caplog.at_level(logging.WARNING, logger="datamodules.rejection"):
+    with caplog.at_level(logging.WARNING, logger="datamodules"):
         short.setup("fit")
     assert all(len(e["input_ids"]) <= prompt_len + 3 for e in short.dataset("train"))
     assert short.stats["truncated"] > 0
     assert short.stats["examples"] == 12 - short.stats["dropped"]
-    assert "rejection-sampled records to max_length" in caplog.text
+    assert "records in rejection-sampled train to max_length" in caplog.text
     assert sampler.calls == 1
 
 
