@@ -12,6 +12,7 @@ returns per-token T, P, required T and entropy of the tokens it trained on.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -317,6 +318,9 @@ class AutoDecoModule(TesttimeModule):
         with open(os.path.join(log_dir, "test_results.md"), "w") as f:
             f.write(table + "\n")
         rank_zero_info(f"results written to {log_dir}/test_results.md and test_results.json")
+        plots = sorted(glob.glob(os.path.join(log_dir, "diagnostics", "*.png")))
+        if plots:
+            rank_zero_info("training diagnostics plots: " + ", ".join(plots))
 
     # -- export ------------------------------------------------------------------------------
     def export(self, output_dir: str, merged: bool = False) -> None:

@@ -13,10 +13,12 @@ from testtime.autodeco import (
     AutoDecoConfig,
     AutoDecoLogitsProcessor,
     AutoDecoModel,
+    HeadsLMHead,
     TempHead,
     TopPHead,
     autodeco_generate,
     goldilocks_mask,
+    install_heads_lm_head,
     label_rank,
     load_autodeco,
     merge_autodeco,
@@ -474,6 +476,147 @@ def test_processor_by_hand_and_min_p(tiny_llama):
         proc(ids, scores)
         with pytest.raises(RuntimeError, match="disable_compile"):
             proc(ids, scores)
+
+
+# ------------------------------------------------------------------------------------------
+# heads inside the forward (HeadsLMHead): the default path, the one that survives torch.compile
+
+
+def _both_paths(llm, heads, batch, **kw):
+    out = {}
+    for path in (True, False):
+        torch.manual_seed(0)
+        out[path] = autodeco_generate(llm, heads, batch.input_ids, batch.attention_mask, heads_in_forward=path, **kw)
+    return out[True], out[False]
+
+
+def _assert_same(a, b, atol=1e-6):
+    assert torch.equal(a.sequences, b.sequences)
+    assert torch.allclose(a.temperature, b.temperature, atol=atol)
+    assert torch.allclose(a.top_p, b.top_p, atol=atol)
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+@pytest.mark.parametrize("heads", ["both", "temp", "top_p"])
+def test_heads_in_forward_matches_hooks(tiny_llama, cache, heads):
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm, enable_temperature_head=heads != "top_p", enable_top_p_head=heads != "temp")
+    batch = _prompts(tok, ["hi", "a longer prompt"])  # left padding
+    kw = dict(max_new_tokens=8, user_temperature=1.3, user_top_p=0.9)
+    if cache:
+        kw["cache_implementation"] = cache
+    fast, hooks = _both_paths(llm, model, batch, **kw)
+    _assert_same(fast, hooks)
+    assert fast.temperature.shape == (2, 8)
+    assert type(llm.get_output_embeddings()) is torch.nn.Linear  # the original lm_head is back
+    assert not any(isinstance(m, HeadsLMHead) for m in llm.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heads_in_forward_every_family(family, tokenizer):
+    llm, _ = build_tiny_model(family, tokenizer=tokenizer)
+    head = llm.get_output_embeddings()
+    model = AutoDecoModel(llm)
+    ids = torch.randint(5, len(tokenizer), (2, 6))
+    batch = type("B", (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    fast, hooks = _both_paths(llm, model, batch, max_new_tokens=4, user_top_p=0.8)
+    _assert_same(fast, hooks)
+    assert llm.get_output_embeddings() is head
+
+
+def test_heads_in_forward_num_return_sequences(tiny_llama):
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm)
+    batch = _prompts(tok, ["abc", "hello"])
+    fast, hooks = _both_paths(llm, model, batch, max_new_tokens=5, num_return_sequences=3)
+    _assert_same(fast, hooks)
+    assert fast.sequences.shape[0] == fast.temperature.shape[0] == 6
+
+
+def test_heads_in_forward_restores_the_lm_head_on_error(tiny_llama):
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm)
+    head = llm.get_output_embeddings()
+    ids = tok(["abc"], return_tensors="pt").input_ids
+
+    def boom(input_ids, scores):
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        autodeco_generate(llm, model, ids, max_new_tokens=3, logits_processor=[boom])
+    assert llm.get_output_embeddings() is head
+    # and the next call works (the cached HeadsLMHead is reused, its buffers re-sized)
+    gen = autodeco_generate(llm, model, ids.repeat(3, 1), max_new_tokens=3)
+    assert gen.temperature.shape == (3, 3)
+
+
+def test_heads_lm_head_outputs_and_stale_forward_is_refused(tiny_llama):
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm, enable_top_p_head=False)
+    ids = tok(["abc", "xyz"], return_tensors="pt").input_ids
+    ref = model(ids)
+    with torch.no_grad(), install_heads_lm_head(llm, model.temp_head, None, batch_size=2) as lm_head:
+        logits = llm(ids).logits
+        assert torch.equal(logits, ref.logits)  # the logits are untouched
+        assert torch.allclose(lm_head.predicted[:, 0], ref.temperature[:, -1])
+        assert (lm_head.predicted[:, 1] == 1).all() and int(lm_head.calls) == 1  # no top-p head: P = 1
+        with pytest.raises(RuntimeError, match="batch 2"):
+            llm(ids[:1])
+    # a processor fed by a HeadsLMHead that the forward never runs (as a compiled graph traced
+    # without it would) is refused instead of sampling with stale values
+    stale = HeadsLMHead(llm.get_output_embeddings(), model.temp_head, None)
+    stale.reset(2, "cpu")
+    proc = AutoDecoLogitsProcessor(model.temp_head, None)
+    with pytest.raises(RuntimeError, match="bypassed"):
+        with proc.attach_lm_head(stale):
+            llm.generate(ids, max_new_tokens=3, logits_processor=[proc], do_sample=True, top_k=0)
+
+
+def test_falls_back_to_hooks_when_the_lm_head_cannot_be_replaced(tiny_llama, monkeypatch):
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm)
+    batch = _prompts(tok, ["abc", "hello"])
+    torch.manual_seed(0)
+    ref = autodeco_generate(llm, model, batch.input_ids, batch.attention_mask, max_new_tokens=5)
+    monkeypatch.setattr(llm, "set_output_embeddings", lambda module: None)  # ignores the replacement
+    torch.manual_seed(0)
+    gen = autodeco_generate(llm, model, batch.input_ids, batch.attention_mask, max_new_tokens=5)
+    _assert_same(gen, ref)
+
+
+def _cpu_compile_config():
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend="aot_eager", fullgraph=False)
+    if not hasattr(config, "_compile_all_devices"):
+        pytest.skip("this transformers cannot auto-compile generate on CPU")
+    config._compile_all_devices = True  # generate compiles only on accelerators otherwise
+    return config
+
+
+def test_compiled_forward_runs_the_heads(tiny_llama):
+    """generate's auto-compilation (static cache) forced on CPU: the heads inside the compiled
+    forward give the tokens and T/P of the eager hook path; hooks would not fire there."""
+    torch._dynamo.reset()
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm)
+    batch = _prompts(tok, ["hi", "a longer prompt"])
+    kw = dict(max_new_tokens=6, user_top_p=0.9, cache_implementation="static")
+    torch.manual_seed(0)
+    hooks = autodeco_generate(llm, model, batch.input_ids, batch.attention_mask, heads_in_forward=False, **kw)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    torch.manual_seed(0)
+    compiled = autodeco_generate(llm, model, batch.input_ids, batch.attention_mask,
+                                 compile_config=_cpu_compile_config(), **kw)
+    assert counters["stats"]["unique_graphs"] >= 1  # the decode steps really ran a compiled forward
+    _assert_same(compiled, hooks, atol=1e-5)
+    # plain generate afterwards compiles its own graph (dynamo guards on the lm_head's type)
+    plain = llm.generate(**batch, max_new_tokens=4, do_sample=False, cache_implementation="static",
+                         compile_config=_cpu_compile_config())
+    assert torch.equal(plain, llm.generate(**batch, max_new_tokens=4, do_sample=False))
+    torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Read top to bottom:
 2. `AutoDecoModel`, the frozen base plus heads;
 3. the losses: legacy temperature CE, soft top-p, and the temperature-first extension
    (`required_temperature`, `min_p_hinge_loss`, `goldilocks_mask`);
-4. generation with HF `generate` (`AutoDecoLogitsProcessor`, `autodeco_generate`);
+4. generation with HF `generate` (`HeadsLMHead`, `AutoDecoLogitsProcessor`, `autodeco_generate`);
 5. export in the original checkpoint format (`save_autodeco`, `load_autodeco`,
    `merge_autodeco`, `split_autodeco`).
 
@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import weakref
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -522,6 +523,93 @@ def training_losses(output: AutoDecoOutput, labels, objective: str = "legacy_ce"
 # ---------------------------------------------------------------------------------------------
 
 
+class HeadsLMHead(nn.Module):
+    """A stand-in for the model's lm_head that also runs the heads, inside the same forward.
+
+    `forward` returns the wrapped lm_head's logits unchanged and, for the LAST position, writes
+    the heads' (T_hat, P_hat) into the float32 buffer `predicted` [B, 2] (1.0 for a missing head)
+    and counts the call in `calls`. Both are in-place writes to fixed buffers, so they work in a
+    torch.compile'd forward (and its CUDA graphs), where Python hooks do not run. The heads read
+    exactly what `capture_lm_head(last_only=True)` records (the lm_head input and its raw
+    output), through `predict_heads`, so both paths predict the same T and P.
+
+    `autodeco_generate` installs one with `model.set_output_embeddings` for the duration of
+    `generate` (`install_heads_lm_head`) and hands it to the processor with `attach_lm_head`.
+    """
+
+    def __init__(self, lm_head: nn.Module, temp_head=None, top_p_head=None):
+        super().__init__()
+        self.lm_head, self.temp_head, self.top_p_head = lm_head, temp_head, top_p_head
+        self.register_buffer("predicted", torch.ones(0, 2), persistent=False)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long), persistent=False)
+
+    @property
+    def weight(self):  # code that reads `get_output_embeddings().weight` keeps working
+        return self.lm_head.weight
+
+    def reset(self, batch_size: int, device) -> None:
+        """Size the buffers for a generate call of `batch_size` rows (reused when unchanged: the
+        buffers' addresses are baked into CUDA graphs) and zero the call counter."""
+        device = torch.device(device)
+        if self.predicted.shape[0] != batch_size or self.predicted.device != device:
+            self.predicted = torch.ones(batch_size, 2, device=device)
+            self.calls = torch.zeros((), dtype=torch.long, device=device)
+            for buf in (self.predicted, self.calls):
+                torch._dynamo.mark_static_address(buf)
+        self.calls.zero_()
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        logits = self.lm_head(hidden, *args, **kwargs)
+        if hidden.shape[0] != self.predicted.shape[0]:
+            raise RuntimeError(f"HeadsLMHead sized for batch {self.predicted.shape[0]} got batch {hidden.shape[0]}")
+        t_hat, p_hat = predict_heads(self.temp_head, self.top_p_head, hidden[:, -1], logits[:, -1])
+        ones = torch.ones(hidden.shape[0], device=self.predicted.device, dtype=torch.float32)
+        t_hat = ones if t_hat is None else t_hat.float().to(ones.device)
+        p_hat = ones if p_hat is None else p_hat.float().to(ones.device)
+        self.predicted.copy_(torch.stack([t_hat, p_hat], dim=-1))
+        self.calls.add_(1)
+        return logits
+
+
+# One HeadsLMHead per base model, reused across calls while its lm_head and heads are the same
+# objects: its buffers keep their addresses, so CUDA graphs recorded for it stay valid.
+_HEADS_LM_HEADS: "weakref.WeakKeyDictionary[nn.Module, HeadsLMHead]" = weakref.WeakKeyDictionary()
+
+
+def _head_device(temp_head, top_p_head, default):
+    head = temp_head if temp_head is not None else top_p_head
+    return next(head.parameters()).device if head is not None else default
+
+
+@contextlib.contextmanager
+def install_heads_lm_head(llm: nn.Module, temp_head=None, top_p_head=None, batch_size: int = 1):
+    """Temporarily replace `llm`'s output embeddings with a `HeadsLMHead`; yields it.
+
+    Raises ValueError when the model has no lm_head or does not accept a replacement (its
+    `get_output_embeddings` does not return what `set_output_embeddings` was given); the
+    original module is always put back.
+    """
+    inner = llm.get_output_embeddings()
+    if inner is None:
+        raise ValueError(f"{type(llm).__name__} has no output embeddings (lm_head) to read the hidden state from")
+    if isinstance(inner, HeadsLMHead):
+        raise RuntimeError("the model's lm_head is already a HeadsLMHead (nested autodeco_generate?)")
+    wrapper = _HEADS_LM_HEADS.get(llm)
+    if wrapper is None or wrapper.lm_head is not inner or wrapper.temp_head is not temp_head \
+            or wrapper.top_p_head is not top_p_head:
+        wrapper = HeadsLMHead(inner, temp_head, top_p_head)
+        _HEADS_LM_HEADS[llm] = wrapper
+    wrapper.reset(batch_size, _head_device(temp_head, top_p_head, next(inner.parameters(), torch.empty(0)).device))
+    try:
+        llm.set_output_embeddings(wrapper)
+        if llm.get_output_embeddings() is not wrapper:
+            raise ValueError(f"{type(llm).__name__}.set_output_embeddings did not install the heads' lm_head")
+        yield wrapper
+    finally:
+        if llm.get_output_embeddings() is not inner:
+            llm.set_output_embeddings(inner)
+
+
 class AutoDecoLogitsProcessor(LogitsProcessor):
     """Per-token temperature and top-p from the heads, as the vLLM fork of the original applies them.
 
@@ -530,9 +618,12 @@ class AutoDecoLogitsProcessor(LogitsProcessor):
     hinge-trained heads, optional min-p (keep p >= min_p * max p). A missing head means T_hat = 1
     or P_hat = 1.
 
-    It needs the final hidden state and raw logits of the last position, which `attach(model)`
-    records with hooks on the model's lm_head (no second forward). `autodeco_generate` does the
-    wiring; by hand:
+    The heads read the final hidden state and raw logits of the last position. Two ways to get
+    them, neither with a second forward; `autodeco_generate` does the wiring:
+    - `attach_lm_head(heads_lm_head)`: a `HeadsLMHead` installed as the model's lm_head computes
+      (T_hat, P_hat) inside the forward; works with a compiled forward (static cache on GPU);
+    - `attach(model)`: hooks on the model's lm_head record its input and output and the heads run
+      here. A compiled forward skips Python hooks, so generate with disable_compile=True. By hand:
 
         proc = AutoDecoLogitsProcessor(temp_head, top_p_head)
         with proc.attach(model):
@@ -550,6 +641,8 @@ class AutoDecoLogitsProcessor(LogitsProcessor):
         self.user_temperature, self.user_top_p, self.min_p = float(user_temperature), float(user_top_p), min_p
         self.record = record
         self.store: dict | None = None
+        self.lm_head: HeadsLMHead | None = None
+        self.steps = 0
         self._last_call = 0
         self.temperatures: list[torch.Tensor] = []
         self.top_ps: list[torch.Tensor] = []
@@ -563,13 +656,36 @@ class AutoDecoLogitsProcessor(LogitsProcessor):
             finally:
                 self.store = None
 
+    @contextlib.contextmanager
+    def attach_lm_head(self, heads_lm_head: HeadsLMHead):
+        """Read (T_hat, P_hat) from an installed `HeadsLMHead` instead of hooks. On exit, raises
+        RuntimeError if the model ran fewer forwards through it than the processor was called
+        (a compiled graph traced without it would serve stale values)."""
+        self.lm_head, self.steps = heads_lm_head, 0
+        try:
+            yield self
+            calls = int(heads_lm_head.calls)
+            if calls < self.steps:
+                raise RuntimeError(f"the heads ran in {calls} forwards for {self.steps} sampling steps: the forward "
+                                   "bypassed the installed HeadsLMHead (a stale compiled graph?)")
+        finally:
+            self.lm_head = None
+
     def recorded(self):
         """(T, P) used at each step, float32 [B, steps] each (None before any step)."""
         if not self.temperatures:
             return None, None
         return torch.stack(self.temperatures, 1), torch.stack(self.top_ps, 1)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def _predicted(self, scores: torch.Tensor):
+        """(T_hat, P_hat) float32 [B] on scores' device for this step."""
+        if self.lm_head is not None:
+            predicted = self.lm_head.predicted
+            if predicted.shape[0] != scores.shape[0]:
+                raise RuntimeError(f"heads batch {predicted.shape[0]} != scores batch {scores.shape[0]}")
+            self.steps += 1
+            predicted = predicted.to(scores.device)
+            return predicted[:, 0], predicted[:, 1]
         if self.store is None or "hidden" not in self.store:
             raise RuntimeError("AutoDecoLogitsProcessor saw no hidden state: wrap generate in `proc.attach(model)`")
         if self.store["calls"] == self._last_call:
@@ -584,6 +700,10 @@ class AutoDecoLogitsProcessor(LogitsProcessor):
         ones = torch.ones(scores.shape[0], device=scores.device, dtype=torch.float32)
         t_hat = ones if t_hat is None else t_hat.float().to(scores.device)
         p_hat = ones if p_hat is None else p_hat.float().to(scores.device)
+        return t_hat, p_hat
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        t_hat, p_hat = self._predicted(scores)
         temperature = t_hat * self.user_temperature
         top_p = (p_hat * self.user_top_p).clamp(0.0, 1.0)
         if self.record:
@@ -629,14 +749,19 @@ _NEUTRAL_SAMPLING = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, ty
 
 def autodeco_generate(model, heads, input_ids, attention_mask=None, user_temperature: float = 1.0,
                       user_top_p: float = 1.0, min_p: float | None = None, logits_processor=None,
-                      **generate_kwargs) -> AutoDecoGeneration:
+                      heads_in_forward: bool = True, **generate_kwargs) -> AutoDecoGeneration:
     """`model.generate` sampling with the heads' per-token T and P; one forward per token.
 
     model: any HF causal LM (or an AutoDecoModel, whose `llm` is used). heads: an AutoDecoModel
     or a (temp_head, top_p_head) pair (either may be None); None takes them from `model`.
     Other keyword arguments go to `generate` (max_new_tokens, cache_implementation="static",
-    pad_token_id...). For a batch, pad on the left. Auto-compilation (static cache on GPU) is
-    always disabled: a compiled forward skips the Python hooks that feed the processor.
+    pad_token_id...). For a batch, pad on the left.
+
+    heads_in_forward (default): the heads run inside the model's forward, in a `HeadsLMHead`
+    that stands in for the lm_head during the call, so generate's auto-compilation (static cache
+    on GPU) stays on, as for plain `generate`. False: the older hook-based capture, which needs an
+    eager forward and therefore disables compilation; it is also the fallback for models whose
+    lm_head cannot be replaced.
     """
     llm = model.llm if isinstance(model, AutoDecoModel) else model
     if heads is None:
@@ -644,15 +769,28 @@ def autodeco_generate(model, heads, input_ids, attention_mask=None, user_tempera
     temp_head, top_p_head = heads.heads() if isinstance(heads, AutoDecoModel) else heads
     proc = AutoDecoLogitsProcessor(temp_head, top_p_head, user_temperature, user_top_p, min_p, record=True)
     config = copy.deepcopy(llm.generation_config)
+    config.update(**_NEUTRAL_SAMPLING)  # first too: update() validates, e.g. num_return_sequences needs sampling
     model_kwargs = config.update(**generate_kwargs)
     config.update(**_NEUTRAL_SAMPLING)
     if config.min_p is not None:
         config.min_p = 0.0  # a None would be refilled from the model's own generation config
     if getattr(config, "top_h", None) is not None:
         raise ValueError("top_h sampling cannot be combined with AutoDeco; unset generation_config.top_h")
-    config.disable_compile = True  # a compiled forward would skip the hooks that feed the processor
     processors = list(logits_processor or []) + [proc]
-    with torch.no_grad(), proc.attach(llm):
+    rows = input_ids.shape[0] * (config.num_return_sequences or 1)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        installed = None
+        if heads_in_forward:
+            try:
+                installed = stack.enter_context(install_heads_lm_head(llm, temp_head, top_p_head, rows))
+            except ValueError:
+                installed = None  # this model's lm_head cannot be swapped: hooks below
+        if installed is not None:
+            stack.enter_context(proc.attach_lm_head(installed))
+        else:
+            config.disable_compile = True  # a compiled forward would skip the hooks that feed the processor
+            stack.enter_context(proc.attach(llm))
         out = llm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                            logits_processor=processors, **model_kwargs)
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -851,8 +989,8 @@ def split_autodeco(merged_dir, output_dir) -> None:
 
 __all__ = [
     "AutoDecoConfig", "AutoDecoGeneration", "AutoDecoLogitsProcessor", "AutoDecoModel", "AutoDecoOutput",
-    "TempHead", "TopPHead", "autodeco_generate", "capture_lm_head", "goldilocks_mask", "head_input_size",
-    "label_rank", "load_autodeco", "merge_autodeco", "min_p_diagnostics", "min_p_hinge_loss", "predict_heads",
-    "prob_stats", "required_temperature", "save_autodeco", "shift_for_next_token", "soft_top_p_loss",
-    "split_autodeco", "temperature_loss", "training_losses", "warp_logits",
+    "HeadsLMHead", "TempHead", "TopPHead", "autodeco_generate", "capture_lm_head", "goldilocks_mask",
+    "head_input_size", "install_heads_lm_head", "label_rank", "load_autodeco", "merge_autodeco", "min_p_diagnostics",
+    "min_p_hinge_loss", "predict_heads", "prob_stats", "required_temperature", "save_autodeco",
+    "shift_for_next_token", "soft_top_p_loss", "split_autodeco", "temperature_loss", "training_losses", "warp_logits",
 ]

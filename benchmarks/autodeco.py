@@ -1,0 +1,413 @@
+"""AutoDeco cost: decoding overhead of the heads and the heads' training step, on random weights.
+
+    python benchmarks/autodeco.py --device cuda --out runs/bench/autodeco.json      # GPU
+    python benchmarks/autodeco.py --device cpu --tiny                               # smoke test
+
+The eager (dynamic-cache) path is slow on a GPU machine (~25-40 ms per token): --dynamic-new-tokens
+128 keeps a full run of both models within the device's 10-minute call limit when split by model
+(--models smollm2-135m, then --models tinyllama-1.1b).
+
+Speed does not depend on the weights, so models are built from configs with random weights (bf16
+on GPU). Two configs: SmolLM2-135M's and TinyLlama-1.1B's (Llama, hidden 2048, 22 layers).
+
+Decoding: `autodeco_generate` (heads on) against plain `model.generate` with the same model,
+prompts and number of new tokens (EOS disabled, so every run makes exactly --new-tokens tokens),
+sampling in both, per batch size and cache path:
+- dynamic: the default dynamic cache, eager forward;
+- static: `cache_implementation="static"`, which generate compiles on GPU (torch.compile,
+  mode reduce-overhead, CUDA graphs).
+Methods: `sample` (plain generate, T=1, no top-k/top-p), `sample_top_p` (plain generate, T=0.8,
+top-p 0.95: temperature + a sort-based top-p per token, the fixed-setting counterpart of
+AutoDeco), `autodeco` (heads inside the forward, the default path), `autodeco_hooks` (the older
+hook-based capture, which forces an eager forward). Warm-up runs (which compile) are excluded;
+methods are interleaved over --repeats rounds (order reversed every other round); reported: the
+median wall time per generated token (a run's time includes its prefill of --prompt-len tokens)
+and, as ratios, the median over rounds of the paired ratio to `sample_top_p` (runs of one round
+are adjacent in time, so slow drifts of the machine cancel). Eager decoding is CPU-bound and
+noisy (+-5-10% run to run): use --repeats 7 or more to resolve a few percent.
+
+Correctness on the device: for the autodeco paths, the T/P recorded during generation are
+compared with a teacher-forced AutoDecoModel forward over the generated sequence (eager, full
+sequence), max abs difference (bf16 noise of the base expected, ~1e-2).
+
+Training: one step of the heads (frozen base forward under no_grad + heads + `training_losses`
+legacy_ce + backward + AdamW) against a frozen forward-only pass of the base over the same batch,
+with a breakdown and the temperature-only / top-p-only variants.
+
+Writes the JSON given by --out (and a PNG bar chart of the ratios next to it) and prints
+markdown rows for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import testtime.autodeco as ad  # noqa: E402
+
+CONFIGS = {
+    # HuggingFaceTB/SmolLM2-135M
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5),
+    # TinyLlama/TinyLlama-1.1B (Llama 2 architecture, GQA 32/4)
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, rope_theta=10000.0,
+                           max_position_embeddings=2048, rms_norm_eps=1e-5),
+    # CPU smoke test
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, rope_theta=10000.0,
+                 max_position_embeddings=1024, rms_norm_eps=1e-5),
+}
+
+PLAIN = {
+    "sample": dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0),
+    "sample_top_p": dict(do_sample=True, temperature=0.8, top_p=0.95, top_k=0),
+}
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(name: str, device, dtype):
+    cfg = LlamaConfig(**CONFIGS[name], bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        llm = LlamaForCausalLM(cfg).to(dtype).eval()
+    llm.generation_config.eos_token_id = None  # no EOS: every run makes exactly max_new_tokens tokens
+    llm.generation_config.pad_token_id = 0
+    model = ad.AutoDecoModel(llm)  # both heads, enhanced features; float32 heads
+    model.to(device)
+    with torch.no_grad():  # heads that predict varied T and P (the default init gives T ~ 1, P ~ 0.5)
+        for head in model.heads():
+            head.mlp[2].bias.normal_(0, 0.5)
+    return llm, model
+
+
+# ------------------------------------------------------------------------------------------------
+# decoding
+
+
+def decode_fns(llm, model, ids, mask, new_tokens, cache):
+    common = dict(max_new_tokens=new_tokens)
+    if cache == "static":
+        common["cache_implementation"] = "static"
+
+    def plain(kw):
+        return lambda: llm.generate(input_ids=ids, attention_mask=mask, **kw, **common)
+
+    def autodeco(**kw):
+        return lambda: ad.autodeco_generate(llm, model, ids, mask, user_temperature=1.0, user_top_p=1.0, **kw,
+                                            **common)
+
+    return {"sample": plain(PLAIN["sample"]), "sample_top_p": plain(PLAIN["sample_top_p"]),
+            "autodeco": autodeco(), "autodeco_hooks": autodeco(heads_in_forward=False)}
+
+
+def paired_ratio(a, b):
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def consistency(model, gen, prompt_len):
+    """Max |T - T_ref|, |P - P_ref| of recorded values vs a teacher-forced eager forward."""
+    with torch.no_grad():
+        ref = model(gen.sequences)
+    t_ref = ref.temperature[:, prompt_len - 1:-1].float()
+    p_ref = ref.top_p[:, prompt_len - 1:-1].float()
+    return {"max_abs_dT": float((gen.temperature - t_ref).abs().max()),
+            "max_abs_dP": float((gen.top_p - p_ref).abs().max()),
+            "mean_T": float(gen.temperature.mean()), "mean_P": float(gen.top_p.mean())}
+
+
+def bench_decode(name, llm, model, args, device, results):
+    vocab = llm.config.vocab_size
+    for cache in args.paths:
+        methods = list(args.methods)
+        new_tokens = args.new_tokens if cache == "static" else (args.dynamic_new_tokens or args.new_tokens)
+        for batch in args.batch_sizes:
+            g = torch.Generator(device="cpu").manual_seed(batch)
+            ids = torch.randint(1, vocab, (batch, args.prompt_len), generator=g).to(device)
+            mask = torch.ones_like(ids)
+            fns = decode_fns(llm, model, ids, mask, new_tokens, cache)
+            times = {m: [] for m in methods}
+            row = {"model": name, "cache": cache, "batch": batch, "new_tokens": new_tokens,
+                   "prompt_len": args.prompt_len}
+            for m in methods:  # warm-up (compiles on the static path)
+                for _ in range(args.warmup):
+                    t, out = timed(fns[m], device)
+                    log(f"  warm-up {name} {cache} b{batch} {m}: {t:.2f} s")
+                seqs = out if isinstance(out, torch.Tensor) else out.sequences
+                assert seqs.shape == (batch, args.prompt_len + new_tokens), seqs.shape
+                if m.startswith("autodeco"):
+                    row[f"{m}_check"] = consistency(model, out, args.prompt_len)
+                    log(f"  {m} consistency: {row[f'{m}_check']}")
+            for r in range(args.repeats):
+                order = methods if r % 2 == 0 else methods[::-1]
+                for m in order:
+                    t, _ = timed(fns[m], device)
+                    times[m].append(t)
+            for m in methods:
+                row[f"{m}_ms_per_token"] = 1000 * statistics.median(times[m]) / new_tokens
+                row[f"{m}_runs_s"] = times[m]
+            # ratios: median over rounds of the paired ratio (same round, adjacent runs), which
+            # cancels the slow drifts of the machine that ratios of medians pick up
+            for m in methods:
+                if "sample_top_p" in times:
+                    row[f"{m}_ratio"] = paired_ratio(times[m], times["sample_top_p"])
+            if "sample" in times and "autodeco" in times:
+                row["autodeco_vs_sample"] = paired_ratio(times["autodeco"], times["sample"])
+            log("  " + json.dumps({k: v for k, v in row.items() if not k.endswith("_runs_s")}))
+            results["decode"].append(row)
+            dump(results, args)
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+
+
+def bench_train(name, llm, args, device, results):
+    vocab = llm.config.vocab_size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(1, vocab, (args.train_batch, args.train_len), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, : args.train_len // 8] = -100  # a prompt part, as in completion-only training
+    gen = torch.Generator(device=device).manual_seed(0)
+    row = {"model": name, "batch": args.train_batch, "seq_len": args.train_len}
+
+    def median_time(fn, n):
+        for _ in range(5):  # warm-up (allocator, clocks)
+            fn()
+        ts = []
+        for _ in range(n):
+            t, _ = timed(fn, device)
+            ts.append(t)
+        return 1000 * statistics.median(ts)
+
+    def forward_only():
+        with torch.no_grad():
+            return llm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    row["base_forward_ms"] = median_time(forward_only, args.train_iters)
+    variants = {"both": (True, True), "temp_only": (True, False), "top_p_only": (False, True)}
+    for variant, (temp, top_p) in variants.items():
+        model = ad.AutoDecoModel(llm, enable_temperature_head=temp, enable_top_p_head=top_p).to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=5e-6)
+
+        def step():
+            out = model(input_ids=ids, attention_mask=mask)
+            loss = ad.training_losses(out, labels, objective="legacy_ce", generator=gen)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        row[f"{variant}_step_ms"] = median_time(step, args.train_iters)
+        row[f"{variant}_ratio"] = row[f"{variant}_step_ms"] / row["base_forward_ms"]
+        # breakdown with a sync between phases (sums slightly above the step)
+        phases = {"forward_base_and_heads": [], "heads_only": [], "losses": [], "backward_and_adamw": []}
+        for i in range(args.train_iters + 2):
+            sync(device)
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, attention_mask=mask)
+            sync(device)
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                ad.predict_heads(model.temp_head, model.top_p_head, out.hidden_states, out.logits)
+            sync(device)
+            t2 = time.perf_counter()
+            losses = ad.training_losses(out, labels, objective="legacy_ce", generator=gen)
+            sync(device)
+            t3 = time.perf_counter()
+            losses["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            t4 = time.perf_counter()
+            if i >= 2:
+                for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    phases[k].append(1000 * dt)
+        row[f"{variant}_breakdown_ms"] = {k: statistics.median(v) for k, v in phases.items()}
+        if device.type == "cuda":
+            row[f"{variant}_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        del model, opt
+        log(f"  train {name} {variant}: {row[f'{variant}_step_ms']:.1f} ms/step "
+            f"({row[f'{variant}_ratio']:.2f}x forward {row['base_forward_ms']:.1f} ms) "
+            f"{row[f'{variant}_breakdown_ms']}")
+    results["train"].append(row)
+    dump(results, args)
+
+
+# ------------------------------------------------------------------------------------------------
+# output
+
+
+def dump(results, args):
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def markdown(results) -> str:
+    lines = []
+    if results["decode"]:
+        lines += ["| model | cache | batch | sample ms/tok | sample_top_p ms/tok | autodeco ms/tok | "
+                  "autodeco_hooks ms/tok | autodeco / sample_top_p | autodeco / sample | hooks / sample_top_p |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in results["decode"]:
+            def f(k, fmt="{:.2f}"):
+                return fmt.format(r[k]) if k in r else "-"
+            lines.append(f"| {r['model']} | {r['cache']} | {r['batch']} | {f('sample_ms_per_token')} | "
+                         f"{f('sample_top_p_ms_per_token')} | {f('autodeco_ms_per_token')} | "
+                         f"{f('autodeco_hooks_ms_per_token')} | {f('autodeco_ratio', '{:.3f}x')} | "
+                         f"{f('autodeco_vs_sample', '{:.3f}x')} | {f('autodeco_hooks_ratio', '{:.3f}x')} |")
+    if results["train"]:
+        lines += ["", "| model | batch x len | base forward ms | step both heads ms (ratio) | temp only | top-p only |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in results["train"]:
+            lines.append(f"| {r['model']} | {r['batch']}x{r['seq_len']} | {r['base_forward_ms']:.1f} | "
+                         f"{r['both_step_ms']:.1f} ({r['both_ratio']:.2f}x) | {r['temp_only_step_ms']:.1f} "
+                         f"({r['temp_only_ratio']:.2f}x) | {r['top_p_only_step_ms']:.1f} "
+                         f"({r['top_p_only_ratio']:.2f}x) |")
+        lines += ["", "| model | variant | forward (base + heads) | heads alone | losses | backward + AdamW |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in results["train"]:
+            for v in ("both", "temp_only", "top_p_only"):
+                b = r[f"{v}_breakdown_ms"]
+                lines.append(f"| {r['model']} | {v} | {b['forward_base_and_heads']:.1f} | {b['heads_only']:.1f} | "
+                             f"{b['losses']:.1f} | {b['backward_and_adamw']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(results, path: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    labels, values = [], []
+    for r in results["decode"]:
+        for m in ("autodeco", "autodeco_hooks"):
+            if f"{m}_ratio" in r:
+                labels.append(f"{r['model']}\n{r['cache']} b{r['batch']}\n{m.replace('autodeco', 'ad')}")
+                values.append(r[f"{m}_ratio"])
+    for r in results["train"]:
+        for v in ("both", "temp_only", "top_p_only"):
+            labels.append(f"{r['model']}\ntrain\n{v}")
+            values.append(r[f"{v}_ratio"])
+    if not values:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(values)), 4.5))
+    colors = ["tab:blue" if "train" not in lab else "tab:orange" for lab in labels]
+    ax.bar(range(len(values)), values, color=colors)
+    ax.axhline(1.02, color="tab:green", ls="--", lw=1, label="decode goal 1.02x")
+    ax.axhline(1.10, color="tab:red", ls="--", lw=1, label="training goal 1.10x")
+    ax.set_xticks(range(len(values)), labels, fontsize=6)
+    ax.set_ylabel("time ratio (heads on / baseline)")
+    ax.set_title("AutoDeco cost: decode vs generate(T=0.8, top-p 0.95); train step vs frozen forward", fontsize=9)
+    ax.legend(fontsize=7)
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny config, few tokens: a CPU smoke test")
+    p.add_argument("--models", default="smollm2-135m,tinyllama-1.1b", help=f"comma list of {sorted(CONFIGS)}")
+    p.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--paths", default="static,dynamic", help="cache paths: static,dynamic")
+    p.add_argument("--methods", default="sample,sample_top_p,autodeco,autodeco_hooks")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--dynamic-new-tokens", type=int, default=None,
+                   help="new tokens on the (slow, eager) dynamic path; default --new-tokens")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--train-len", type=int, default=512)
+    p.add_argument("--train-iters", type=int, default=10)
+    p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--out", default="runs/bench/autodeco.json")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.models, args.new_tokens, args.prompt_len, args.dynamic_new_tokens = "tiny", 8, 8, 6
+        args.train_batch, args.train_len, args.train_iters, args.repeats = 2, 32, 2, 2
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.paths = args.paths.split(",")
+    args.methods = args.methods.split(",")
+    # plain and autodeco graphs x batch sizes x models share one compiled __call__: room for all
+    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
+    import transformers
+
+    results = {
+        "date": time.strftime("%Y-%m-%d"), "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "dtype": str(dtype), "args": {k: v for k, v in vars(args).items()},
+        "configs": {m: CONFIGS[m] for m in args.models.split(",")}, "plain_settings": PLAIN,
+        "decode": [], "train": [],
+    }
+    for name in args.models.split(","):
+        log(f"== {name}")
+        llm, model = build(name, device, dtype)
+        if not args.skip_train:
+            bench_train(name, llm, args, device, results)
+        if not args.skip_decode:
+            bench_decode(name, llm, model, args, device, results)
+        from torch._dynamo.utils import counters
+
+        results.setdefault("compile_counters", {})[name] = {k: dict(v) for k, v in counters.items()
+                                                             if k in ("inductor", "stats", "graph_break")}
+        log(f"  counters: {results['compile_counters'][name]}")
+        del llm, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    table = markdown(results)
+    print(table)
+    if args.out:
+        dump(results, args)
+        Path(args.out).with_suffix(".md").write_text(table + "\n")
+        plot(results, Path(args.out).with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
