@@ -1,5 +1,7 @@
 """The CLI as a user runs it: help, config printing, every tiny recipe, errors, export."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,11 @@ def test_export_with_missing_checkpoint_is_named(run_cli, tmp_path):
                   f"--output_dir={tmp_path}")
     assert out.returncode != 0
     assert "nothing.ckpt" in out.stderr
+
+
+def test_console_script_runs_the_same_cli(tmp_path):
+    script = Path(sys.executable).with_name("testtime")  # installed by `pip install -e .`
+    assert script.is_file(), "the `testtime` console script is not installed: pip install -e ."
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "export" in out.stdout and "fit" in out.stdout
