@@ -31,7 +31,15 @@ from testtime.autodeco import (
     required_temperature,
     training_losses,
 )
-from testtime.evaluation import DecodingSetting, evaluate, format_table, pick_best, sampling, sweep_settings
+from testtime.evaluation import (
+    DecodingSetting,
+    eos_ids,
+    evaluate,
+    format_table,
+    pick_best,
+    sampling,
+    sweep_settings,
+)
 
 _HEAD_PREFIXES = ("model.temp_head.", "model.top_p_head.")
 
@@ -209,7 +217,7 @@ class AutoDecoModule(TesttimeModule):
             out = autodeco_generate(model, self.model, input_ids, attention_mask, min_p=self._min_p(), **kwargs)
             if record and out.temperature.numel():
                 new = out.sequences[:, input_ids.shape[1]:]
-                eos = torch.as_tensor(list(self._eos_ids()), device=new.device)
+                eos = torch.as_tensor(list(eos_ids(model, self.tokenizer)), device=new.device)
                 ended_before = torch.isin(new, eos).long().cumsum(1) - torch.isin(new, eos).long()
                 used = (ended_before == 0).float()
                 self._prediction_sums += torch.tensor([
@@ -218,12 +226,6 @@ class AutoDecoModule(TesttimeModule):
             return out.sequences
 
         return generate
-
-    def _eos_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id}
-        config_eos = self.model.llm.generation_config.eos_token_id
-        ids.update(config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else [])
-        return {i for i in ids if i is not None}
 
     def static_grid(self) -> list[DecodingSetting]:
         hp = self.hparams

@@ -170,7 +170,8 @@ def pick_best(results: dict[str, float], settings: Sequence[DecodingSetting]) ->
     return max(scored, key=lambda s: results[s.name])  # max keeps the first of equal keys
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a completion: the tokenizer's EOS and the generation config's."""
     ids = {tokenizer.eos_token_id}
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
@@ -209,7 +210,7 @@ def generate_completions(model, tokenizer, input_ids: torch.Tensor, attention_ma
     if sequences.shape[0] != batch * k or sequences.shape[1] < prompt_len:
         raise ValueError(f"{setting.name}: generate_fn returned shape {tuple(sequences.shape)} for "
                          f"{batch * k} prompts of length {prompt_len}; it must return prompt + continuation")
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     texts = []
     for row in sequences[:, prompt_len:].tolist():
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))
@@ -304,7 +305,7 @@ def rejection_sample(model, tokenizer, problems: Sequence[Problem], k: int = 4, 
 
     setting = sampling(temperature, top_p, k, capturing)  # validates k, temperature and top_p
     device = _model_device(model)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     records: list[dict[str, Any]] = []
     stats = {"problems": len(problems), "samples": 0, "correct": 0, "kept": 0, "kept_unfinished": 0,
              "problems_with_none": 0}
