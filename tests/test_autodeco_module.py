@@ -120,13 +120,16 @@ def test_cli_fit_test_export_roundtrip(run_cli, tmp_path):
     root = tmp_path / "run"
     common = ["--config", TINY, f"--trainer.default_root_dir={root}",
               f"--trainer.logger.init_args.save_dir={root}", f"--trainer.callbacks.dirpath={root}/checkpoints"]
-    out = run_cli("fit", *common)
+    out = run_cli("fit", *common, "--test_after_fit=true")  # one command: fit, then the evaluation table
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "AutoDeco evaluation" in out.stderr + out.stdout
+    assert len(list(root.rglob("test_results.json"))) == 1
     ckpt = root / "checkpoints" / "last.ckpt"
 
     out = run_cli("test", *common, f"--ckpt_path={ckpt}")
     assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads(next(root.rglob("test_results.json")).read_text())
+    newest = max(root.rglob("test_results.json"), key=lambda p: p.stat().st_mtime)
+    results = json.loads(newest.read_text())
     assert set(results["results"]) == {"test/acc_greedy", "test/acc_sample_T1_p1_k2", "test/acc_best_static",
                                        "test/acc_mean_static", "test/acc_autodeco"}
     assert results["best_static"] in {f"sample_T{t}_p{p}_k2" for t in ("0.5", "1") for p in ("0.9", "1")}
