@@ -1,0 +1,661 @@
+"""TNOT (published as SRGen) and SLOT: a per-sample delta added to the final hidden state.
+
+Both methods learn, at test time, a vector `delta` of shape [1, 1, H] that is added to the
+final hidden state (the input of `lm_head`). It is fitted on the prompt with next-token CE:
+
+- `slot`: the delta found at the prompt is added at every generated token.
+- `srgen`: the first prefill fits `delta_normal` (CE only; as published it is not applied, it
+  only marks that a later prefill is a reflection). During generation the entropy of each next
+  token distribution is watched; above a threshold (static, or adaptive over the sample's own
+  history) the sample is stopped with a forced EOS. A retry continues from the tokens already
+  generated, fits `delta_high` with `(1 - w) * CE + w * entropy(last position)` and applies it
+  to the one token after the high-entropy point. Up to `max_retries` retries.
+
+Done right where the originals were not (REFERENCE.md section 2):
+- the transformer body runs once per prefill (the normal one, which fills the KV cache); each
+  optimization step recomputes only `lm_head(h + delta)` over the prompt positions;
+- `lm_head` weights are frozen during the optimization (no vocab x hidden gradient);
+- the CE is computed (and backpropagated) in chunks of positions, so a long prompt never holds
+  positions x vocab logits at once;
+- delta and its AdamW state are float32 whatever the model dtype;
+- one delta per sample ([B, 1, H]), per-sample entropy history, thresholds and stops;
+- retries continue from token ids (no decode / re-tokenize round trip, chat tokens kept) and
+  reuse the KV cache and final hidden states of their prefix: only the last kept token goes
+  through the body again (a full re-prefill only for caches that cannot be cropped).
+
+Use:
+    TNOTModel = enable_tnot(AutoModelForCausalLM)
+    model = TNOTModel.from_pretrained(path, tnot_config=TNOTConfig(prompt_only=True, times=3))
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=64)
+or `enable_tnot_model(model, config)` on a loaded model. Without a config, the settings come
+from the environment variables of the original code (`TNOTConfig.from_env`).
+
+The optimization happens inside `generate` (the wrapped one); a plain `model(...)` forward
+is unchanged. `model.delta` keeps the last fitted delta for inspection.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("slot", "srgen")
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"environment variable {name}={text!r} is not a boolean (True/False)")
+
+
+@dataclass
+class TNOTConfig:
+    """The settings; field names are the environment variables of the original TNOT code.
+
+    Defaults are the original code's `os.environ.get` defaults (prompt_only False: the prompt
+    stage is off unless asked for, as in the original), plus `max_retries` (20, the published
+    value) and `mode`.
+    """
+
+    prompt_only: bool = False          # fit delta at each prefill
+    times: int = 1                     # optimization steps per prefill
+    lr: float = 0.1
+    entropy_weight: float = 0.1        # w in (1 - w) * CE + w * entropy (delta_high)
+    entropy_control: bool = False      # srgen: stop high-entropy samples with a forced EOS
+    entropy_threshold: float = 3.0     # static threshold (nats, at the sampling temperature)
+    adaptive_entropy: bool = False
+    adaptive_entropy_N: int = 20
+    adaptive_entropy_K: float = 2.0
+    record_entropy: bool = False       # append per-token entropy records to entropy_output_file
+    entropy_output_file: str = "entropy_analysis.jsonl"
+    response_entropy_file: str = ""
+    log_entropy_control: bool = False  # print a line at each forced stop
+    max_retries: int = 20
+    mode: str = "srgen"
+    ce_chunk: int = 1024               # prompt positions per CE chunk (not an env variable)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.times < 0:
+            raise ValueError(f"times must be >= 0, got {self.times}")
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> "TNOTConfig":
+        """Read every field from its environment variable (same name); absent ones keep the default."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "ce_chunk" or f.name not in environ:
+                continue
+            text = environ[f.name]
+            kind = type(f.default)
+            try:
+                if kind is bool:
+                    values[f.name] = _parse_bool(f.name, text)
+                elif kind is int:
+                    values[f.name] = int(text)
+                elif kind is float:
+                    values[f.name] = float(text)
+                else:
+                    values[f.name] = text
+            except ValueError as err:
+                if kind is bool:
+                    raise
+                raise ValueError(f"environment variable {f.name}={text!r} is not a valid {kind.__name__}") from err
+        values.update(overrides)
+        return cls(**values)
+
+
+def adaptive_threshold(history, n: int, k: float, static: float) -> float:
+    """`max(mean(last n) + k * max(std(last n), 0.5), 1.8)` once more than n values exist, else `static`.
+
+    std is the sample (unbiased) std, as `torch.std` in the original.
+    """
+    if len(history) <= n:
+        return static
+    window = torch.tensor(history[-n:], dtype=torch.float64)
+    return max(float(window.mean()) + k * max(float(window.std()), 0.5), 1.8)
+
+
+def entropy_of(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits / temperature) over the last dim, in float32."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def prompt_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Next-token labels for positions 0..T-2 ([B, T-1]); -100 where either side is padding."""
+    labels = input_ids[:, 1:].clone()
+    if attention_mask is not None:
+        labels[(attention_mask[:, 1:] == 0) | (attention_mask[:, :-1] == 0)] = -100
+    return labels
+
+
+def chunked_prompt_ce(head: nn.Module, hidden: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor,
+                      chunk: int = 1024, backward: bool = False, scale: float = 1.0) -> torch.Tensor:
+    """Sum over samples of each sample's mean next-token CE of `head(hidden[:, :-1] + delta)`.
+
+    Positions go through the head `chunk` at a time. With `backward`, each chunk's share
+    (times `scale`) is backpropagated at once, so no more than one chunk of logits is alive.
+    Returns the loss value (detached when `backward`). A per-sample mean keeps each sample's
+    delta gradient independent of the others in the batch.
+    """
+    hidden = hidden[:, :-1]
+    counts = (labels != -100).sum(1).clamp(min=1).float()  # [B]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[1], chunk):
+        h = hidden[:, start:start + chunk]
+        y = labels[:, start:start + chunk]
+        if not (y != -100).any():
+            continue
+        logits = head((h.float() + delta).to(h.dtype)).float()
+        ce = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100, reduction="none")  # [B, c]
+        part = (ce.sum(1) / counts).sum()
+        if backward:
+            (part * scale).backward()
+            part = part.detach()
+        total = total + part
+    return total
+
+
+class _State:
+    """What the hooks need between calls inside one generate."""
+
+    def __init__(self):
+        self.reset_call()
+
+    def reset_call(self):
+        self.pending_prefill = False   # next body forward is a prefill to optimize on
+        self.prefill_ids = None
+        self.prefill_mask = None
+        self.reflect = False           # srgen retry: fit delta_high and apply it once
+        self.apply_delta = None        # [B,1,H] float32 added by the lm_head pre-hook
+        self.apply_once = False        # drop apply_delta after one lm_head call
+        self.in_generate = False
+        self.temperature = 1.0
+        self.rows = None               # original batch index of each current row
+        self.stopped = None            # [B] bool: forced EOS already given to this row
+        self.done = None               # [B] bool: row already ended (EOS fed back in): not watched
+        self.steps = None              # [B] tokens generated so far (before this call)
+        self.busy = False              # inside the optimization: hooks stand aside
+        self.context_hidden = None     # retry: final hidden states of the cached prefix [B, C, H]
+        self.hidden_log = None         # final hidden states of every body call of this pass
+
+
+def _eos_id(model) -> int:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0]
+    if eos is None:
+        raise ValueError("TNOT entropy control needs an eos_token_id in the generation config or model config")
+    return int(eos)
+
+
+def _pad_id(model, eos: int | None) -> int:
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(model.config, "pad_token_id", None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0]
+    return int(pad) if pad is not None else int(eos if eos is not None else 0)
+
+
+def optimize_delta(model, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask, reflect: bool) -> torch.Tensor:
+    """Fit a per-sample float32 delta [B,1,H] on the prompt's hidden states (body already run).
+
+    `reflect` (srgen retry) adds `entropy_weight * entropy(last position at the sampling
+    temperature)` to `(1 - entropy_weight) * CE`. The head's parameters are frozen for the
+    duration and must come out with no `.grad`.
+    """
+    cfg = model.tnot_config
+    head = model.get_output_embeddings()
+    hidden = hidden.detach()
+    delta = torch.zeros(hidden.shape[0], 1, hidden.shape[-1], dtype=torch.float32, device=hidden.device,
+                        requires_grad=True)
+    if cfg.times == 0:
+        return delta.detach()
+    labels = prompt_labels(input_ids, attention_mask).to(hidden.device)
+    w = cfg.entropy_weight if reflect else 0.0
+    opt = torch.optim.AdamW([delta], lr=cfg.lr, weight_decay=1e-8, eps=1e-5)
+    params = list(head.parameters())
+    saved = [p.requires_grad for p in params]
+    model._tnot.busy = True
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for _ in range(cfg.times):
+                opt.zero_grad(set_to_none=True)
+                chunked_prompt_ce(head, hidden, delta, labels, cfg.ce_chunk, backward=True, scale=1.0 - w)
+                if w > 0:
+                    last = hidden[:, -1:]
+                    logits = head((last.float() + delta).to(last.dtype))[:, -1]
+                    (w * entropy_of(logits, model._tnot.temperature).sum()).backward()
+                opt.step()
+    finally:
+        for p, r in zip(params, saved):
+            p.requires_grad_(r)
+        model._tnot.busy = False
+    assert all(p.grad is None for p in params), "lm_head received a gradient during the TNOT optimization"
+    return delta.detach()
+
+
+def _body_hook(model):
+    def hook(module, args, output):
+        st = model._tnot
+        if st.busy or not st.in_generate:
+            return None
+        if st.hidden_log is not None:  # kept so a retry can reuse the KV cache of a prefix
+            st.hidden_log.append(output[0].detach())
+        if not st.pending_prefill:
+            return None
+        st.pending_prefill = False
+        cfg = model.tnot_config
+        if not cfg.prompt_only:
+            return None
+        hidden = output[0]
+        if st.context_hidden is not None:  # the cached prefix was not recomputed: its states were kept
+            hidden = torch.cat([st.context_hidden.to(hidden.dtype), hidden], dim=1)
+        delta = optimize_delta(model, hidden, st.prefill_ids, st.prefill_mask, st.reflect)
+        if cfg.mode == "slot":
+            model.delta = delta
+            st.apply_delta, st.apply_once = delta, False
+        elif st.reflect:  # delta_high: only the token right after the high-entropy point
+            if model.delta is not None and model.delta.shape[0] > max(st.rows):
+                model.delta = model.delta.clone()  # keep one row per sample of the whole batch
+                model.delta[st.rows] = delta
+            else:
+                model.delta = delta
+            st.apply_delta, st.apply_once = delta, True
+        else:  # delta_normal: as published, not applied; marks that a later prefill reflects
+            model.delta = delta
+            st.apply_delta = None
+        return None
+    return hook
+
+
+def _head_pre_hook(model):
+    def pre_hook(module, args):
+        st = model._tnot
+        if st.busy or st.apply_delta is None:
+            return None
+        hidden = args[0]
+        delta = st.apply_delta
+        if delta.shape[0] != hidden.shape[0]:
+            if delta.shape[0] != 1:
+                return None  # a forward outside the generate that fitted this delta
+        new = (hidden.float() + delta.to(hidden.device)).to(hidden.dtype)
+        if st.apply_once:
+            st.apply_delta = None
+        return (new,) + tuple(args[1:])
+    return pre_hook
+
+
+def _head_hook(model):
+    def hook(module, args, output):
+        st = model._tnot
+        cfg = model.tnot_config
+        if st.busy or not st.in_generate or not cfg.entropy_control:
+            return None
+        logits = output
+        ent = entropy_of(logits[:, -1].detach(), st.temperature)  # [B]
+        eos = _eos_id(model)
+        forced = []
+        for i in range(logits.shape[0]):
+            row = st.rows[i]
+            if st.stopped[i] or st.done[i]:
+                continue
+            hist = model.entropy_history[row]
+            thr = cfg.entropy_threshold
+            if cfg.adaptive_entropy:
+                thr = adaptive_threshold(hist, cfg.adaptive_entropy_N, cfg.adaptive_entropy_K, cfg.entropy_threshold)
+            model.sample_thresholds[row] = thr
+            e = float(ent[i])
+            hist.append(e)
+            if cfg.record_entropy:
+                model._entropy_records.append({"sample": row, "step": int(st.steps[i]), "entropy": e, "threshold": thr,
+                                               "stopped": e > thr})
+            if e > thr:
+                forced.append(i)
+                st.stopped[i] = True
+                model.high_entropy_samples[row] = True
+                model.high_entropy_position[row] = int(st.steps[i])
+                model.high_entropy_detected = True
+                if cfg.log_entropy_control:
+                    print(f"[tnot] sample {row}: entropy {e:.3f} > threshold {thr:.3f} at token {int(st.steps[i])}: EOS")
+            st.steps[i] += 1
+        model.entropy_threshold = model.sample_thresholds[st.rows[0]] if st.rows else None
+        if not forced:
+            return None
+        out = logits.clone()
+        out[forced, -1, :] = -1e4
+        out[forced, -1, eos] = 1e4
+        return out
+    return hook
+
+
+def _model_pre_hook(model):
+    """At each decode step, mark rows whose fed-back token is EOS as done (generate keeps
+    running finished rows on padding; their entropies must not count)."""
+    def pre_hook(module, args, kwargs):
+        st = model._tnot
+        if not st.in_generate or st.pending_prefill or st.busy or st.done is None:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            return None
+        eos = model._tnot_eos_ids
+        for i, tok in enumerate(ids[:, -1].tolist()):
+            if tok in eos:
+                st.done[i] = True
+        return None
+    return pre_hook
+
+
+def _eos_ids(model) -> set:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def _generate_pass(model, input_ids, attention_mask, rows, reflect, kwargs, past=None, context_hidden=None,
+                   keep_hidden=False):
+    """One call of the original generate with the hooks armed.
+
+    Returns (new tokens [B, n], which rows got a forced EOS, the KV cache, the final hidden
+    states of every position in that cache [B, T, H] or None). With `past` (a cache of all but
+    the last token of `input_ids`) and `context_hidden` (its final hidden states), only the last
+    token goes through the body.
+    """
+    st = model._tnot
+    st.pending_prefill = True
+    st.prefill_ids, st.prefill_mask = input_ids, attention_mask
+    st.reflect = reflect
+    st.apply_delta = None
+    st.rows = rows
+    st.stopped = [False] * len(rows)
+    st.done = [False] * len(rows)
+    st.steps = [model._generated_so_far[r] for r in rows]
+    st.context_hidden = context_hidden
+    st.hidden_log = [] if keep_hidden else None
+    st.in_generate = True
+    model._tnot_eos_ids = _eos_ids(model)
+    extra = {"return_dict_in_generate": True}
+    if past is not None:
+        extra["past_key_values"] = past
+    try:
+        out = model._tnot_original_generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs, **extra)
+    finally:
+        st.in_generate = False
+        st.pending_prefill = False
+        st.apply_delta = None  # a later plain forward is not shifted
+        st.context_hidden = None
+    hidden = None
+    if keep_hidden and st.hidden_log:
+        parts = ([context_hidden] if context_hidden is not None else []) + st.hidden_log
+        hidden = torch.cat([h.to(parts[-1].dtype) for h in parts], dim=1)
+    st.hidden_log = None
+    seqs = out.sequences if hasattr(out, "sequences") else out
+    cache = getattr(out, "past_key_values", None)
+    return seqs[:, input_ids.shape[1]:], list(st.stopped), cache, hidden
+
+
+def _croppable(cache) -> bool:
+    return cache is not None and hasattr(cache, "crop") and hasattr(cache, "batch_select_indices") \
+        and getattr(cache, "is_croppable", True) is not False
+
+
+def _row_cache(cache, row: int, length: int):
+    """A copy of one row of `cache`, cut to its first `length` positions."""
+    one = copy.deepcopy(cache)
+    one.batch_select_indices(torch.tensor([row], device=_cache_device(cache)))
+    extra = one.get_seq_length() - length
+    if extra < 0:
+        raise ValueError(f"the cache holds {one.get_seq_length()} positions, fewer than the {length} to keep")
+    if extra > 0:
+        one.crop(-extra)  # transformers 5: a negative count removes that many trailing positions
+    return one
+
+
+def _cache_device(cache):
+    layers = getattr(cache, "layers", None)
+    if layers:
+        keys = getattr(layers[0], "keys", None)
+        if keys is not None:
+            return keys.device
+    return "cpu"
+
+
+def _first_eos_cut(row: torch.Tensor, eos_ids: set) -> torch.Tensor:
+    for j, t in enumerate(row.tolist()):
+        if t in eos_ids:
+            return row[: j + 1]
+    return row
+
+
+def _tnot_generate(model):
+    original = model.generate
+
+    def generate(input_ids=None, attention_mask=None, **kwargs):
+        cfg = model.tnot_config
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs")
+        if kwargs.pop("return_dict_in_generate", False):
+            raise ValueError("TNOT generate returns the token ids only (return_dict_in_generate is not supported)")
+        if "past_key_values" in kwargs:
+            raise ValueError("TNOT generate starts from a prompt; past_key_values is not supported")
+        gen_cfg = kwargs.get("generation_config", model.generation_config)
+        do_sample = kwargs.get("do_sample", gen_cfg.do_sample)
+        temperature = kwargs.get("temperature", gen_cfg.temperature) if do_sample else 1.0
+        batch, width = input_ids.shape
+        st = model._tnot
+        st.reset_call()
+        st.temperature = float(temperature or 1.0)
+        model.reset_entropy_detection(batch)
+        model._generated_so_far = [0] * batch
+        model._entropy_records = []
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        srgen = cfg.mode == "srgen" and cfg.entropy_control and cfg.max_retries > 0
+
+        new, _, cache, hidden = _generate_pass(model, input_ids, attention_mask, list(range(batch)), False, kwargs,
+                                               keep_hidden=srgen)
+        if not srgen:
+            _write_records(model, new)
+            return torch.cat([input_ids, new], dim=1)
+
+        eos = _eos_id(model)
+        eos_ids = _eos_ids(model) | {eos}
+        pad = _pad_id(model, eos)
+        max_new = kwargs.get("max_new_tokens", gen_cfg.max_new_tokens) or 20
+        # per sample: kept new tokens (cut after the first EOS), and where its cache/hidden live
+        generated = [_first_eos_cut(new[b], eos_ids) for b in range(batch)]
+        source = [(cache, hidden, b) for b in range(batch)]  # (cache, hidden states, row in them)
+        retries = [0] * batch
+        for b in range(batch):
+            # each sample stopped by entropy retries on its own, from its own tokens, up to max_retries
+            while (retries[b] < cfg.max_retries and model.high_entropy_samples[b]
+                   and model._stopped_by_entropy(b, generated[b]) and len(generated[b]) - 1 < max_new):
+                retries[b] += 1
+                kept = generated[b][:-1]  # drop the forced EOS
+                model._generated_so_far[b] = len(kept)
+                model.high_entropy_samples[b] = False
+                ids = torch.cat([input_ids[b], kept])[None]
+                mask = torch.cat([attention_mask[b], torch.ones_like(kept)])[None]
+                src_cache, src_hidden, row = source[b]
+                past = context = None
+                if _croppable(src_cache) and src_hidden is not None:
+                    # reuse the prefix's KV cache: only the last kept token goes through the body again
+                    length = ids.shape[1] - 1
+                    past = _row_cache(src_cache, row, length)
+                    context = src_hidden[row: row + 1, :length]
+                more, _, cache_b, hidden_b = _generate_pass(
+                    model, ids, mask, [b], True, {**kwargs, "max_new_tokens": max_new - len(kept)},
+                    past=past, context_hidden=context, keep_hidden=True)
+                generated[b] = torch.cat([kept, _first_eos_cut(more[0], eos_ids)])
+                source[b] = (cache_b, hidden_b, 0)
+        model.retries = retries
+        model.high_entropy_detected = any(model.high_entropy_samples)
+        _write_records(model, generated)
+        out = torch.full((batch, width + max(len(g) for g in generated)), pad, dtype=torch.long,
+                         device=input_ids.device)
+        out[:, :width] = input_ids
+        for b, g in enumerate(generated):
+            out[b, width: width + len(g)] = g
+        return out
+
+    return generate, original
+
+
+def _write_records(model, generated):
+    """Append this generate's per-token entropy records to `entropy_output_file` (one JSON a line).
+
+    Each record: sample, step (index of the generated token), entropy, threshold, stopped (a
+    forced EOS was given there) and the token finally kept at that step with its text (the
+    tokenizer given to `enable_tnot_model`, loaded once).
+    """
+    cfg = model.tnot_config
+    if not (cfg.record_entropy and cfg.entropy_output_file and model._entropy_records):
+        return
+    with open(cfg.entropy_output_file, "a") as f:
+        for rec in model._entropy_records:
+            tokens = generated[rec["sample"]]
+            if rec["step"] < len(tokens):
+                rec["token_id"] = int(tokens[rec["step"]])
+                rec["token"] = model._safe_decode_token(rec["token_id"])
+            f.write(json.dumps(rec) + "\n")
+
+
+# ---- methods attached to the model (the seed's interface) ----
+
+def _reset_entropy_detection(self, batch_size: int = 1):
+    """Clear stops, positions and entropy histories (one list per sample)."""
+    self.high_entropy_detected = False
+    self.high_entropy_samples = [False] * batch_size
+    self.high_entropy_position = [None] * batch_size
+    self.entropy_history = [[] for _ in range(batch_size)]
+    self.sample_thresholds = [self.tnot_config.entropy_threshold] * batch_size
+    self.entropy_threshold = self.tnot_config.entropy_threshold
+    self.index = None
+
+
+def _reset_model_parameters(self):
+    """Forget the fitted delta and every entropy state."""
+    self.delta = None
+    self._tnot.reset_call()
+    self.reset_entropy_detection()
+
+
+def _stopped_by_entropy(self, b: int, tokens) -> bool:
+    return self.high_entropy_position[b] is not None and self.high_entropy_position[b] == len(tokens) - 1
+
+
+def _safe_decode_token(self, token_id) -> str:
+    tok = getattr(self, "tokenizer", None)
+    if tok is None:
+        return str(int(token_id))
+    try:
+        return tok.decode([int(token_id)], skip_special_tokens=False)
+    except Exception:  # an id outside the tokenizer's vocabulary (padded embedding rows)
+        return f"<{int(token_id)}>"
+
+
+def _safe_decode_sequence(self, token_ids) -> str:
+    return "".join(self._safe_decode_token(t) for t in (token_ids.tolist() if torch.is_tensor(token_ids) else token_ids))
+
+
+def enable_tnot_model(model: nn.Module, config: TNOTConfig | None = None, tokenizer=None) -> nn.Module:
+    """Give a loaded causal LM the TNOT attributes, hooks and a TNOT `generate` (in place; returns it).
+
+    `config` defaults to `TNOTConfig.from_env()`. `tokenizer` (optional) is used by the
+    `_safe_decode_*` methods; it is loaded once, by the caller.
+    """
+    if getattr(model, "_tnot", None) is not None:
+        model.tnot_config = config or model.tnot_config
+        return model
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head) to add the delta before")
+    # the module whose output is the final hidden state: get_decoder() where the causal LM
+    # calls it directly (OPT calls model.decoder, skipping OPTModel.forward), else base_model
+    try:
+        body = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        body = None
+    body = body if isinstance(body, nn.Module) else model.base_model
+    if body is model:
+        raise ValueError(f"{type(model).__name__} has no separate transformer body to read the final hidden state from")
+    model.tnot_config = config if config is not None else TNOTConfig.from_env()
+    model.tokenizer = tokenizer
+    model._tnot = _State()
+    model.delta = None
+    cls = type(model)
+    for name, fn in (("reset_entropy_detection", _reset_entropy_detection),
+                     ("reset_model_parameters", _reset_model_parameters),
+                     ("_stopped_by_entropy", _stopped_by_entropy),
+                     ("_safe_decode_token", _safe_decode_token),
+                     ("_safe_decode_sequence", _safe_decode_sequence)):
+        setattr(model, name, fn.__get__(model, cls))
+    model.reset_entropy_detection()
+    model._generated_so_far = []
+    model._entropy_records = []
+    model._tnot_handles = [body.register_forward_hook(_body_hook(model)),
+                           head.register_forward_pre_hook(_head_pre_hook(model)),
+                           head.register_forward_hook(_head_hook(model)),
+                           model.register_forward_pre_hook(_model_pre_hook(model), with_kwargs=True)]
+    model.generate, model._tnot_original_generate = _tnot_generate(model)
+    return model
+
+
+def enable_tnot(model_class):
+    """Make `model_class` produce TNOT-enabled models.
+
+    - A concrete causal-LM class (e.g. `LlamaForCausalLM`; also usable as a class decorator):
+      returns a subclass whose instances (from `__init__` or `from_pretrained`) are enabled,
+      with the config from the environment (`TNOTConfig.from_env`); set `model.tnot_config`
+      to change it.
+    - `AutoModelForCausalLM` (a factory): returns a class whose `from_pretrained` /
+      `from_config` enable the loaded model. Extra keyword arguments `tnot_config` and
+      `tokenizer` go to `enable_tnot_model`; the rest to the factory.
+    """
+    from transformers import PreTrainedModel
+
+    if isinstance(model_class, type) and issubclass(model_class, PreTrainedModel):
+        class TNOTSubclass(model_class):
+            def __init__(self, config, *args, **kwargs):
+                super().__init__(config, *args, **kwargs)
+                enable_tnot_model(self)
+
+        TNOTSubclass.__name__ = TNOTSubclass.__qualname__ = f"TNOT{model_class.__name__}"
+        return TNOTSubclass
+
+    class TNOTModelClass:
+        base_class = model_class
+
+        @classmethod
+        def from_pretrained(cls, *args, tnot_config: TNOTConfig | None = None, tokenizer=None, **kwargs):
+            model = model_class.from_pretrained(*args, **kwargs)
+            return enable_tnot_model(model, tnot_config, tokenizer)
+
+        @classmethod
+        def from_config(cls, *args, tnot_config: TNOTConfig | None = None, tokenizer=None, **kwargs):
+            return enable_tnot_model(model_class.from_config(*args, **kwargs), tnot_config, tokenizer)
+
+    TNOTModelClass.__name__ = TNOTModelClass.__qualname__ = f"TNOT{getattr(model_class, '__name__', 'Model')}"
+    return TNOTModelClass
