@@ -193,24 +193,26 @@ class _State:
         self.hidden_log = None         # final hidden states of every body call of this pass
 
 
+def _config_ids(model, name: str) -> list[int]:
+    """Token ids named `name` (eos_token_id, pad_token_id) in the generation config, else the model config."""
+    value = getattr(model.generation_config, name, None)
+    if value is None:
+        value = getattr(model.config, name, None)
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
 def _eos_id(model) -> int:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0]
-    if eos is None:
+    eos = _config_ids(model, "eos_token_id")
+    if not eos:
         raise ValueError("TNOT entropy control needs an eos_token_id in the generation config or model config")
-    return int(eos)
+    return eos[0]
 
 
 def _pad_id(model, eos: int | None) -> int:
-    pad = getattr(model.generation_config, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(model.config, "pad_token_id", None)
-    if isinstance(pad, (list, tuple)):
-        pad = pad[0]
-    return int(pad) if pad is not None else int(eos if eos is not None else 0)
+    pad = _config_ids(model, "pad_token_id")
+    return pad[0] if pad else int(eos if eos is not None else 0)
 
 
 def optimize_delta(model, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask, reflect: bool) -> torch.Tensor:
@@ -366,12 +368,7 @@ def _model_pre_hook(model):
 
 
 def _eos_ids(model) -> set:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+    return set(_config_ids(model, "eos_token_id"))
 
 
 def _generate_pass(model, input_ids, attention_mask, rows, reflect, kwargs, past=None, context_hidden=None,
