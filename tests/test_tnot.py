@@ -253,6 +253,7 @@ def test_sampling_records_entropy(tokenizer, tmp_path):
     model = enable_tnot_model(_tiny(tokenizer), TNOTConfig(prompt_only=True, times=1, entropy_control=True,
                                                            adaptive_entropy=True, adaptive_entropy_N=2, entropy_threshold=10.0,
                                                            record_entropy=True, entropy_output_file=str(path),
+                                                           response_entropy_file=str(tmp_path / "responses.json"),
                                                            max_retries=1), tokenizer=tokenizer)
     ids, mask = _prompt(tokenizer, ["Sample me", "and me too"])
     torch.manual_seed(0)
@@ -275,6 +276,73 @@ def test_sampling_records_entropy(tokenizer, tmp_path):
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
     assert (entropy_of(logits, 0.6) < entropy_of(logits)).all()
+
+
+def test_slot_records_entropy_with_and_without_delta(tokenizer, tmp_path):
+    import json
+
+    tokens_file, responses_file = tmp_path / "tokens.jsonl", tmp_path / "responses.json"
+    model = enable_tnot_model(_tiny(tokenizer), TNOTConfig(prompt_only=True, times=3, lr=0.5, mode="slot",
+                                                           record_entropy=True, entropy_output_file=str(tokens_file),
+                                                           response_entropy_file=str(responses_file)),
+                              tokenizer=tokenizer)
+    ids, mask = _prompt(tokenizer, ["Once upon a time", "Hi"])
+    out = _greedy(model, ids, mask, n=4)
+    records = [json.loads(line) for line in tokens_file.read_text().splitlines()]
+    assert len(records) == 8 and all(r["delta_applied"] and r["threshold"] is None for r in records)
+    # "entropy" is what the sampler saw (delta added), "entropy_original" the same position without the delta
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=out[:, :-1], attention_mask=torch.cat(
+            [mask, torch.ones(2, 3, dtype=mask.dtype)], 1))[0][:, ids.shape[1] - 1:]
+        head = model.get_output_embeddings()
+        plain = entropy_of(head(hidden))
+        shifted = entropy_of(head(hidden + model.delta))
+    for r in records:
+        assert r["entropy"] == pytest.approx(float(shifted[r["sample"], r["step"]]), abs=1e-4)
+        assert r["entropy_original"] == pytest.approx(float(plain[r["sample"], r["step"]]), abs=1e-4)
+        assert r["token_id"] == out[r["sample"], ids.shape[1] + r["step"]].item()
+    assert any(abs(r["entropy"] - r["entropy_original"]) > 1e-3 for r in records)
+    responses = [json.loads(line) for line in responses_file.read_text().splitlines()]
+    assert [r["sample"] for r in responses] == [0, 1]
+    for b, r in enumerate(responses):
+        assert r["token_ids"] == out[b, ids.shape[1]:].tolist() and len(r["entropy"]) == len(r["threshold"]) == 4
+        assert r["response"] == tokenizer.decode(r["token_ids"]) and r["retries"] == 0
+
+
+def test_special_tokens_can_be_masked_from_the_prompt_ce(tokenizer):
+    # a prompt of chat-template markers only: masked, nothing is left to fit and delta stays zero
+    ids = torch.tensor([tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|im_start|>", "<|im_end|>"])])
+    mask = torch.ones_like(ids)
+    deltas = {}
+    for masked in (False, True):
+        model = enable_tnot_model(_tiny(tokenizer), TNOTConfig(prompt_only=True, times=2, mode="slot",
+                                                               mask_special_tokens=masked), tokenizer=tokenizer)
+        _greedy(model, ids, mask, n=1)
+        deltas[masked] = model.delta
+    assert torch.count_nonzero(deltas[False]) > 0
+    assert torch.count_nonzero(deltas[True]) == 0 and torch.isfinite(deltas[True]).all()
+
+
+def test_static_cache_matches_dynamic(tokenizer):
+    ids, mask = _prompt(tokenizer, ["What is 2+3? Answer:", "Hi"])
+    outs = {}
+    for cache in ("dynamic", "static"):
+        model = enable_tnot_model(_tiny(tokenizer), TNOTConfig(prompt_only=True, times=3, mode="slot"))
+        outs[cache] = (model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                      pad_token_id=0, cache_implementation=cache if cache == "static" else None),
+                       model.delta)
+    assert torch.equal(outs["static"][0], outs["dynamic"][0])
+    assert torch.allclose(outs["static"][1], outs["dynamic"][1], atol=1e-6)
+    # srgen retries with a static cache (not cropped per sample: full re-prefills) match the dynamic ones
+    config = dict(prompt_only=True, times=2, mode="srgen", entropy_control=True, entropy_threshold=0.0, max_retries=2)
+    results = []
+    for cache in (None, "static"):
+        model = enable_tnot_model(_tiny(tokenizer), TNOTConfig(**config))
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                             cache_implementation=cache)
+        results.append((out, list(model.retries)))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1] == [2, 2]
 
 
 def test_entropy_of_uniform():

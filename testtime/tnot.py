@@ -31,7 +31,8 @@ or `enable_tnot_model(model, config)` on a loaded model. Without a config, the s
 from the environment variables of the original code (`TNOTConfig.from_env`).
 
 The optimization happens inside `generate` (the wrapped one); a plain `model(...)` forward
-is unchanged. `model.delta` keeps the last fitted delta for inspection.
+is unchanged, and `model.generate_without_tnot` is the original `generate` (the baseline).
+`model.delta` keeps the last fitted delta for inspection.
 """
 
 from __future__ import annotations
@@ -76,12 +77,13 @@ class TNOTConfig:
     adaptive_entropy: bool = False
     adaptive_entropy_N: int = 20
     adaptive_entropy_K: float = 2.0
-    record_entropy: bool = False       # append per-token entropy records to entropy_output_file
+    record_entropy: bool = False       # append entropy records to entropy_output_file / response_entropy_file
     entropy_output_file: str = "entropy_analysis.jsonl"
-    response_entropy_file: str = ""
+    response_entropy_file: str = "response_entropy.json"
     log_entropy_control: bool = False  # print a line at each forced stop
     max_retries: int = 20
     mode: str = "srgen"
+    mask_special_tokens: bool = False  # prompt CE ignores special tokens as labels (chat-template markers)
     ce_chunk: int = 1024               # prompt positions per CE chunk (not an env variable)
 
     def __post_init__(self):
@@ -191,6 +193,8 @@ class _State:
         self.busy = False              # inside the optimization: hooks stand aside
         self.context_hidden = None     # retry: final hidden states of the cached prefix [B, C, H]
         self.hidden_log = None         # final hidden states of every body call of this pass
+        self.unshifted = None          # record_entropy: last-position head input before the delta
+        self.retry = 0                 # 0: first pass; r: the r-th retry of the sample(s) in this pass
 
 
 def _config_ids(model, name: str) -> list[int]:
@@ -210,6 +214,20 @@ def _eos_id(model) -> int:
     return eos[0]
 
 
+def _special_ids(model) -> set[int]:
+    """The tokenizer's special tokens (ChatML's <|im_start|> ...) if one was given, plus bos/eos/pad."""
+    ids = set()
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids.update(_config_ids(model, name))
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        ids.update(int(i) for i in tokenizer.all_special_ids)
+        # added tokens marked special (not all of them are named in all_special_ids)
+        ids.update(int(i) for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                   if getattr(tok, "special", False))
+    return ids
+
+
 def _pad_id(model, eos: int | None) -> int:
     pad = _config_ids(model, "pad_token_id")
     return pad[0] if pad else int(eos if eos is not None else 0)
@@ -220,16 +238,27 @@ def optimize_delta(model, hidden: torch.Tensor, input_ids: torch.Tensor, attenti
 
     `reflect` (srgen retry) adds `entropy_weight * entropy(last position at the sampling
     temperature)` to `(1 - entropy_weight) * CE`. The head's parameters are frozen for the
-    duration and must come out with no `.grad`.
+    duration and must come out with no `.grad`. Works inside `torch.inference_mode()` (Lightning's
+    validate/test run there): the optimization leaves it, on copies of the inference tensors.
     """
+    with torch.inference_mode(False), torch.enable_grad():
+        if hidden.is_inference():
+            hidden, input_ids = hidden.clone(), input_ids.clone()
+            attention_mask = attention_mask.clone() if attention_mask is not None else None
+        return _fit_delta(model, hidden.detach(), input_ids, attention_mask, reflect)
+
+
+def _fit_delta(model, hidden, input_ids, attention_mask, reflect: bool) -> torch.Tensor:
     cfg = model.tnot_config
     head = model.get_output_embeddings()
-    hidden = hidden.detach()
     delta = torch.zeros(hidden.shape[0], 1, hidden.shape[-1], dtype=torch.float32, device=hidden.device,
                         requires_grad=True)
     if cfg.times == 0:
         return delta.detach()
     labels = prompt_labels(input_ids, attention_mask).to(hidden.device)
+    if cfg.mask_special_tokens:
+        special = torch.tensor(sorted(_special_ids(model)), dtype=labels.dtype, device=labels.device)
+        labels[torch.isin(labels, special)] = -100  # a prompt of only special tokens gives a zero loss, not NaN
     w = cfg.entropy_weight if reflect else 0.0
     opt = torch.optim.AdamW([delta], lr=cfg.lr, weight_decay=1e-8, eps=1e-5)
     params = list(head.parameters())
@@ -238,15 +267,14 @@ def optimize_delta(model, hidden: torch.Tensor, input_ids: torch.Tensor, attenti
     try:
         for p in params:
             p.requires_grad_(False)
-        with torch.enable_grad():
-            for _ in range(cfg.times):
-                opt.zero_grad(set_to_none=True)
-                chunked_prompt_ce(head, hidden, delta, labels, cfg.ce_chunk, backward=True, scale=1.0 - w)
-                if w > 0:
-                    last = hidden[:, -1:]
-                    logits = head((last.float() + delta).to(last.dtype))[:, -1]
-                    (w * entropy_of(logits, model._tnot.temperature).sum()).backward()
-                opt.step()
+        for _ in range(cfg.times):
+            opt.zero_grad(set_to_none=True)
+            chunked_prompt_ce(head, hidden, delta, labels, cfg.ce_chunk, backward=True, scale=1.0 - w)
+            if w > 0:
+                last = hidden[:, -1:]
+                logits = head((last.float() + delta).to(last.dtype))[:, -1]
+                (w * entropy_of(logits, model._tnot.temperature).sum()).backward()
+            opt.step()
     finally:
         for p, r in zip(params, saved):
             p.requires_grad_(r)
@@ -299,6 +327,8 @@ def _head_pre_hook(model):
         if delta.shape[0] != hidden.shape[0]:
             if delta.shape[0] != 1:
                 return None  # a forward outside the generate that fitted this delta
+        if st.in_generate and model.tnot_config.record_entropy:
+            st.unshifted = hidden[:, -1:].detach()  # for the record's entropy without the delta
         new = (hidden.float() + delta.to(hidden.device)).to(hidden.dtype)
         if st.apply_once:
             st.apply_delta = None
@@ -310,31 +340,45 @@ def _head_hook(model):
     def hook(module, args, output):
         st = model._tnot
         cfg = model.tnot_config
-        if st.busy or not st.in_generate or not cfg.entropy_control:
+        if st.busy or not st.in_generate or not (cfg.entropy_control or cfg.record_entropy):
             return None
         logits = output
         ent = entropy_of(logits[:, -1].detach(), st.temperature)  # [B]
-        eos = _eos_id(model)
+        ent_original = None
+        if st.unshifted is not None:  # a delta was added to this call's input: entropy without it too
+            st.busy = True
+            try:
+                ent_original = entropy_of(module(st.unshifted)[:, -1].detach(), st.temperature)
+            finally:
+                st.busy, st.unshifted = False, None
+        eos = _eos_id(model) if cfg.entropy_control else None
         forced = []
         for i in range(logits.shape[0]):
             row = st.rows[i]
             if st.stopped[i] or st.done[i]:
                 continue
             hist = model.entropy_history[row]
-            thr = cfg.entropy_threshold
-            if cfg.adaptive_entropy:
-                thr = adaptive_threshold(hist, cfg.adaptive_entropy_N, cfg.adaptive_entropy_K, cfg.entropy_threshold)
-            model.sample_thresholds[row] = thr
+            thr = None
+            if cfg.entropy_control:
+                thr = cfg.entropy_threshold
+                if cfg.adaptive_entropy:
+                    thr = adaptive_threshold(hist, cfg.adaptive_entropy_N, cfg.adaptive_entropy_K,
+                                             cfg.entropy_threshold)
+                model.sample_thresholds[row] = thr
             e = float(ent[i])
             hist.append(e)
+            stop = thr is not None and e > thr
             if cfg.record_entropy:
-                model._entropy_records.append({"sample": row, "step": int(st.steps[i]), "entropy": e, "threshold": thr,
-                                               "stopped": e > thr})
-            if e > thr:
+                model.entropy_records.append({
+                    "sample": row, "step": int(st.steps[i]), "retry": st.retry, "entropy": e,
+                    "entropy_original": float(ent_original[i]) if ent_original is not None else e,
+                    "delta_applied": ent_original is not None, "threshold": thr, "stopped": stop})
+            if stop:
                 forced.append(i)
                 st.stopped[i] = True
                 model.high_entropy_samples[row] = True
                 model.high_entropy_position[row] = int(st.steps[i])
+                model.stop_positions[row].append(int(st.steps[i]))
                 model.high_entropy_detected = True
                 if cfg.log_entropy_control:
                     print(f"[tnot] sample {row}: entropy {e:.3f} > threshold {thr:.3f} at token {int(st.steps[i])}: EOS")
@@ -356,6 +400,9 @@ def _model_pre_hook(model):
         st = model._tnot
         if not st.in_generate or st.pending_prefill or st.busy or st.done is None:
             return None
+        cfg = model.tnot_config
+        if not (cfg.entropy_control or cfg.record_entropy):
+            return None  # nothing is watched: no per-token device-to-host copy
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             return None
@@ -372,7 +419,7 @@ def _eos_ids(model) -> set:
 
 
 def _generate_pass(model, input_ids, attention_mask, rows, reflect, kwargs, past=None, context_hidden=None,
-                   keep_hidden=False):
+                   keep_hidden=False, retry=0):
     """One call of the original generate with the hooks armed.
 
     Returns (new tokens [B, n], which rows got a forced EOS, the KV cache, the final hidden
@@ -384,6 +431,7 @@ def _generate_pass(model, input_ids, attention_mask, rows, reflect, kwargs, past
     st.pending_prefill = True
     st.prefill_ids, st.prefill_mask = input_ids, attention_mask
     st.reflect = reflect
+    st.retry = retry
     st.apply_delta = None
     st.rows = rows
     st.stopped = [False] * len(rows)
@@ -466,7 +514,7 @@ def _tnot_generate(model):
         st.temperature = float(temperature or 1.0)
         model.reset_entropy_detection(batch)
         model._generated_so_far = [0] * batch
-        model._entropy_records = []
+        model.entropy_records = []
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         srgen = cfg.mode == "srgen" and cfg.entropy_control and cfg.max_retries > 0
@@ -474,7 +522,8 @@ def _tnot_generate(model):
         new, _, cache, hidden = _generate_pass(model, input_ids, attention_mask, list(range(batch)), False, kwargs,
                                                keep_hidden=srgen)
         if not srgen:
-            _write_records(model, new)
+            model.retries = [0] * batch
+            _write_records(model, [new[b] for b in range(batch)])
             return torch.cat([input_ids, new], dim=1)
 
         eos = _eos_id(model)
@@ -504,7 +553,7 @@ def _tnot_generate(model):
                     context = src_hidden[row: row + 1, :length]
                 more, _, cache_b, hidden_b = _generate_pass(
                     model, ids, mask, [b], True, {**kwargs, "max_new_tokens": max_new - len(kept)},
-                    past=past, context_hidden=context, keep_hidden=True)
+                    past=past, context_hidden=context, keep_hidden=True, retry=retries[b])
                 generated[b] = torch.cat([kept, _first_eos_cut(more[0], eos_ids)])
                 source[b] = (cache_b, hidden_b, 0)
         model.retries = retries
@@ -520,23 +569,66 @@ def _tnot_generate(model):
     return generate, original
 
 
-def _write_records(model, generated):
-    """Append this generate's per-token entropy records to `entropy_output_file` (one JSON a line).
+def _label_records(model, generated) -> None:
+    """Give each entropy record its token: the forced EOS where stopped, else the token kept at that step."""
+    eos = next(iter(_config_ids(model, "eos_token_id")), None)
+    for rec in model.entropy_records:
+        tokens = generated[rec["sample"]]
+        if rec["stopped"] and eos is not None:
+            rec["token_id"] = eos
+        elif rec["step"] < len(tokens):
+            rec["token_id"] = int(tokens[rec["step"]])
+        if "token_id" in rec:
+            rec["token"] = model._safe_decode_token(rec["token_id"])
+    model.index = max((rec["step"] for rec in model.entropy_records), default=None)
 
-    Each record: sample, step (index of the generated token), entropy, threshold, stopped (a
-    forced EOS was given there) and the token finally kept at that step with its text (the
-    tokenizer given to `enable_tnot_model`, loaded once).
+
+def sample_traces(model) -> list[dict]:
+    """Per sample of the last `generate` (recorded with `record_entropy`): the tokens kept.
+
+    Each trace: entropy, entropy_original and threshold of each kept token in order (a retry's
+    record replaces the forced stop it continues from), the forced stop positions and retries.
+    """
+    final: dict[tuple[int, int], dict] = {}  # (sample, step) -> the record of the kept token (the last pass wins)
+    for rec in model.entropy_records:
+        final[(rec["sample"], rec["step"])] = rec
+    traces = []
+    for b in range(len(model.retries)):
+        kept = [final[key] for key in sorted(k for k in final if k[0] == b)]
+        traces.append({"sample": b, "entropy": [r["entropy"] for r in kept],
+                       "entropy_original": [r["entropy_original"] for r in kept],
+                       "threshold": [r["threshold"] for r in kept],
+                       "stop_positions": list(model.stop_positions[b]), "retries": int(model.retries[b])})
+    return traces
+
+
+def _write_records(model, generated):
+    """Write this generate's entropy records (with `record_entropy`; an empty file name skips it).
+
+    `entropy_output_file`: one JSON line per watched token: sample, step (index of the generated
+    token), retry (0 = first pass), entropy (of the distribution sampled from, delta included),
+    entropy_original (same position without the delta; equal where none was applied),
+    delta_applied, threshold (None without entropy control), stopped (a forced EOS was given
+    there), token_id and token (the EOS where stopped, else the token kept at that step).
+    `response_entropy_file`: one JSON line per response: its token ids and text, then its
+    `sample_traces` entry. Tokens are decoded with the tokenizer given to `enable_tnot_model`
+    (loaded once).
     """
     cfg = model.tnot_config
-    if not (cfg.record_entropy and cfg.entropy_output_file and model._entropy_records):
+    if not (cfg.record_entropy and model.entropy_records):
         return
-    with open(cfg.entropy_output_file, "a") as f:
-        for rec in model._entropy_records:
-            tokens = generated[rec["sample"]]
-            if rec["step"] < len(tokens):
-                rec["token_id"] = int(tokens[rec["step"]])
-                rec["token"] = model._safe_decode_token(rec["token_id"])
-            f.write(json.dumps(rec) + "\n")
+    _label_records(model, generated)
+    if cfg.entropy_output_file:
+        with open(cfg.entropy_output_file, "a") as f:
+            for rec in model.entropy_records:
+                f.write(json.dumps(rec) + "\n")
+    if cfg.response_entropy_file:
+        with open(cfg.response_entropy_file, "a") as f:
+            for trace, tokens in zip(sample_traces(model), generated):
+                entropies = trace["entropy"]
+                f.write(json.dumps({"token_ids": [int(t) for t in tokens], "response": model._safe_decode_sequence(tokens),
+                                    "mean_entropy": sum(entropies) / len(entropies) if entropies else None,
+                                    **trace}) + "\n")
 
 
 # ---- methods attached to the model (the seed's interface) ----
@@ -546,6 +638,8 @@ def _reset_entropy_detection(self, batch_size: int = 1):
     self.high_entropy_detected = False
     self.high_entropy_samples = [False] * batch_size
     self.high_entropy_position = [None] * batch_size
+    self.stop_positions = [[] for _ in range(batch_size)]  # every forced stop of each sample, retries included
+    self.retries = [0] * batch_size
     self.entropy_history = [[] for _ in range(batch_size)]
     self.sample_thresholds = [self.tnot_config.entropy_threshold] * batch_size
     self.entropy_threshold = self.tnot_config.entropy_threshold
@@ -611,12 +705,13 @@ def enable_tnot_model(model: nn.Module, config: TNOTConfig | None = None, tokeni
         setattr(model, name, fn.__get__(model, cls))
     model.reset_entropy_detection()
     model._generated_so_far = []
-    model._entropy_records = []
+    model.entropy_records = []
     model._tnot_handles = [body.register_forward_hook(_body_hook(model)),
                            head.register_forward_pre_hook(_head_pre_hook(model)),
                            head.register_forward_hook(_head_hook(model)),
                            model.register_forward_pre_hook(_model_pre_hook(model), with_kwargs=True)]
     model.generate, model._tnot_original_generate = _tnot_generate(model)
+    model.generate_without_tnot = model._tnot_original_generate  # the plain generate, for baselines
     return model
 
 
