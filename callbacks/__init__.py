@@ -8,6 +8,7 @@ Importing the package registers the classes, so configs may name them by their s
 - `EntropyDiagnostics` (`callbacks.entropy_diagnostics`): sets `pl_module.collect_diagnostics`
   and turns the per-token tensors `training_step` returns into JSON lines and plots.
 - `ExportOnFitEnd` (`callbacks.export`): writes the method's serving checkpoint when `fit` ends.
+- `PredictionWriter` (`callbacks.predictions`): writes what `predict` returns to `predictions.jsonl`.
 
 Callbacks import `testtime/` only, never `lightning_modules/` or `cli.py`; they talk to a module
 through the attributes above (`token_filter`, `collect_diagnostics`, `export`).
@@ -16,5 +17,6 @@ through the attributes above (`token_filter`, `collect_diagnostics`, `export`).
 from callbacks.entropy_diagnostics import EntropyDiagnostics
 from callbacks.export import ExportOnFitEnd
 from callbacks.goldilocks import GoldilocksFilter
+from callbacks.predictions import PredictionWriter
 
-__all__ = ["EntropyDiagnostics", "ExportOnFitEnd", "GoldilocksFilter"]
+__all__ = ["EntropyDiagnostics", "ExportOnFitEnd", "GoldilocksFilter", "PredictionWriter"]

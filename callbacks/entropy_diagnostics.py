@@ -61,6 +61,23 @@ def tensor_stats(values: np.ndarray) -> dict:
     return out
 
 
+def trace_summary(traces: list[dict]) -> dict:
+    """Per setting: samples, tokens, entropy statistics, the fraction of samples stopped, retries, stop positions."""
+    out = {}
+    for setting in dict.fromkeys(t["setting"] for t in traces):
+        mine = [t for t in traces if t["setting"] == setting]
+        entropy = np.array([e for t in mine for e in t["entropy"]], dtype=float)
+        original = np.array([e for t in mine for e in t.get("entropy_original", t["entropy"])], dtype=float)
+        stops = [p for t in mine for p in t["stop_positions"]]
+        out[setting] = {"samples": len(mine), "tokens": int(entropy.size),
+                        "entropy": tensor_stats(entropy), "entropy_original_mean": tensor_stats(original)["mean"],
+                        "stopped_frac": float(np.mean([bool(t["stop_positions"]) for t in mine])),
+                        "retries_mean": float(np.mean([t["retries"] for t in mine])),
+                        "retries_max": int(max(t["retries"] for t in mine)),
+                        "stop_position": tensor_stats(np.array(stops, dtype=float))}
+    return out
+
+
 class _Reservoir:
     """A uniform sample of at most `capacity` rows from a stream of batches (Algorithm R, vectorised).
 
@@ -144,13 +161,15 @@ class EntropyDiagnostics(L.Callback):
         self._batches = 0
         self._append = False
         self._reservoir = _Reservoir(max_points, seed)
+        self._traces: list[dict] = []  # generation traces of the current validation/test epoch
+        self.trace_paths: list[str] = []
 
     # -- wiring ------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not hasattr(pl_module, "collect_diagnostics"):
             raise TypeError(f"EntropyDiagnostics needs a module with a `collect_diagnostics` attribute; "
                             f"{type(pl_module).__name__} has none, so no diagnostics would be produced")
-        if stage != "fit":  # diagnostics come from training_step only
+        if stage not in ("fit", "validate", "test"):
             return
         self._previous_flag = pl_module.collect_diagnostics
         pl_module.collect_diagnostics = True
@@ -159,6 +178,9 @@ class EntropyDiagnostics(L.Callback):
         if root is None:
             root = os.path.join(trainer.log_dir or trainer.default_root_dir, "diagnostics")
         self._dir = Path(root)
+        self._traces = []
+        if stage != "fit":  # the per-token training statistics come from training_step only
+            return
         hparams = getattr(pl_module, "hparams", None) or {}
         module_ratio = hparams.get("min_p_ratio") if "min_p_ratio" in hparams else None
         self._module_ratio = float(module_ratio) if module_ratio is not None else None
@@ -176,7 +198,7 @@ class EntropyDiagnostics(L.Callback):
         self.points_path = None
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._previous_flag is not None:
+        if stage in ("fit", "validate", "test") and self._previous_flag is not None:
             pl_module.collect_diagnostics = self._previous_flag
             self._previous_flag = None
 
@@ -231,6 +253,81 @@ class EntropyDiagnostics(L.Callback):
         with open(self.jsonl_path, mode) as f:
             f.write(json.dumps(record) + "\n")
 
+    # -- generation traces (validate / test) -------------------------------------------------
+    def _collect_traces(self, trainer, outputs) -> None:
+        if trainer.is_global_zero and isinstance(outputs, dict) and isinstance(outputs.get("traces"), list):
+            self._traces.extend(outputs["traces"])
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._collect_traces(trainer, outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect_traces(trainer, outputs)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._write_traces("val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._write_traces("test")
+
+    def _write_traces(self, stage: str) -> None:
+        traces, self._traces = self._traces, []
+        if not traces or self._dir is None:
+            return
+        self._dir.mkdir(parents=True, exist_ok=True)
+        paths = [self._dir / f"{stage}_traces.jsonl", self._dir / f"{stage}_trace_summary.json"]
+        with open(paths[0], "w") as f:
+            for trace in traces:
+                f.write(json.dumps(trace) + "\n")
+        with open(paths[1], "w") as f:
+            json.dump(trace_summary(traces), f, indent=2)
+        if self.plots:
+            fig = self._plot_traces(traces)
+            if fig is not None:
+                paths.append(self._dir / f"{stage}_entropy_over_positions.png")
+                fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+        self.trace_paths = [str(p) for p in paths]
+        rank_zero_info("EntropyDiagnostics wrote " + ", ".join(self.trace_paths))
+
+    def _plot_traces(self, traces: list[dict], max_lines: int = 6, max_panels: int = 6):
+        names = list(dict.fromkeys(t["setting"] for t in traces if t["entropy"]))
+        if not names:
+            return None
+        # round-robin over name prefixes ("plain", "slot", "srgen"): every family gets a panel first
+        families = list(dict.fromkeys(n.split("_")[0] for n in names))
+        rank = {n: [m for m in names if m.split("_")[0] == n.split("_")[0]].index(n) for n in names}
+        settings = sorted(names, key=lambda n: (rank[n], families.index(n.split("_")[0])))[:max_panels]
+        fig, axes = self._figure(min(3, len(settings)), len(settings))
+        colors = [f"C{i}" for i in range(10)]
+        for ax, setting in zip(axes, settings):
+            mine = [t for t in traces if t["setting"] == setting and t["entropy"]]
+            longest = max(len(t["entropy"]) for t in mine)
+            padded = np.full((len(mine), longest), np.nan)
+            for i, t in enumerate(mine):
+                padded[i, :len(t["entropy"])] = t["entropy"]
+            # samples that were stopped first, so the plot shows the thresholds at work
+            shown = sorted(mine, key=lambda t: -len(t["stop_positions"]))[:max_lines]
+            for color, t in zip(colors, shown):
+                x = np.arange(len(t["entropy"]))
+                ax.plot(x, t["entropy"], color=color, lw=0.8, alpha=0.8)
+                thr = np.array([np.nan if v is None else v for v in t["threshold"]], dtype=float)
+                if np.isfinite(thr).any():
+                    ax.plot(x, thr, color=color, lw=0.8, ls="--")
+                for pos in t["stop_positions"]:
+                    if pos < len(t["entropy"]):
+                        ax.plot(pos, t["entropy"][pos], "x", color="red", ms=7)
+            ax.plot(np.arange(longest), np.nanmean(padded, axis=0), color="black", lw=2, label="mean entropy")
+            ax.plot([], [], color="gray", ls="--", label="threshold (per sample)")
+            ax.plot([], [], "x", color="red", label="forced stop")
+            stopped = sum(1 for t in mine if t["stop_positions"])
+            ax.set_title(f"{setting}: {len(mine)} samples, {stopped} stopped", fontsize=9)
+            ax.set_xlabel("generated token position")
+            ax.set_ylabel("entropy (nats)")
+            ax.legend(fontsize=7)
+        return fig
+
     # -- end of fit --------------------------------------------------------------------------
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or self._dir is None:
@@ -261,14 +358,17 @@ class EntropyDiagnostics(L.Callback):
         return paths
 
     @staticmethod
-    def _figure(ncols: int = 1):
+    def _figure(ncols: int = 1, panels: int | None = None):
+        """A figure of `panels` axes (default `ncols`), `ncols` a row."""
         # Figure + Agg canvas directly: no pyplot, so the user's global backend is left alone.
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(5.5 * ncols, 4.5))
+        panels = ncols if panels is None else panels
+        nrows = math.ceil(panels / ncols)
+        fig = Figure(figsize=(5.5 * ncols, 4.5 * nrows))
         FigureCanvasAgg(fig)
-        return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+        return fig, [fig.add_subplot(nrows, ncols, i + 1) for i in range(panels)]
 
     def _plot_temperature_vs_required(self, points):
         t, t_req = points.get("temperature"), points.get("required_temperature")

@@ -1,0 +1,458 @@
+"""TNOT cost: prompt-stage optimization overhead on generation, and peak memory of the chunked CE.
+
+    python benchmarks/tnot.py --device cpu --tiny --out /tmp/tnot_tiny.json        # smoke test (CPU)
+
+On an H100 (each command fits the device's 10-minute call; run from the repository root with
+PYTHONPATH=$PWD, $OUT the device's output folder; about 15-20 minutes in all):
+
+    # 1-2. static cache (generate compiles the decode step), 512 new tokens, prompts 256 and 4096
+    python benchmarks/tnot.py --device cuda --models smollm2-135m --paths static --skip-memory --out $OUT/tnot_smollm2_static.json
+    python benchmarks/tnot.py --device cuda --models llama3.2-1b --paths static --skip-memory --out $OUT/tnot_llama1b_static.json
+    # 3. dynamic cache (eager, ~25 ms/token, CPU-bound): 128 new tokens instead of 512
+    python benchmarks/tnot.py --device cuda --models smollm2-135m,llama3.2-1b --paths dynamic --dynamic-new-tokens 128 --skip-memory --out $OUT/tnot_dynamic.json
+    # 4. peak memory at a 16K-token prompt, chunked (1024) vs unchunked CE
+    python benchmarks/tnot.py --device cuda --models smollm2-135m,llama3.2-1b --skip-overhead --out $OUT/tnot_memory.json
+    # optional: dynamic with the full 512 new tokens (~13 s a run on smollm2), one prompt length a call
+    python benchmarks/tnot.py --device cuda --models smollm2-135m --paths dynamic --prompt-lens 4096 --skip-memory --out $OUT/tnot_dyn512.json
+
+Fewer new tokens can only raise the ratio: the prompt-stage cost is paid once per generate, so
+128 tokens spread it over 4x fewer tokens than 512 (the per-token part, the delta added before
+lm_head in slot mode, is the same). The prompt-stage table gives the fixed cost to rescale.
+--deadline-s (default 540) stops starting new runs once exceeded, so a slow command still ends
+with its tables and plot; the JSON is rewritten after every run anyway. If a static command
+stops at the deadline (compiling took longer than expected), run it again one --prompt-lens value
+at a time (inductor's cache on the machine makes the second compile of a graph faster).
+
+Speed does not depend on the weights: models are built from configs with random weights (bf16 on
+GPU, float32 on CPU), sdpa attention. `smollm2-135m` is SmolLM2-135M's config, `llama3.2-1b`
+Llama-3.2-1B's (without its llama3 rope scaling, which only rescales the RoPE frequencies once
+at init and costs nothing per token).
+
+Overhead, per model, cache path, prompt length (random tokens, batch 1 by default): greedy
+generation of exactly --new-tokens tokens (no EOS), methods interleaved over --repeats rounds
+(order reversed every other round), after --warmup runs each (on the static path the warm-up
+compiles; on the dynamic path it uses 16 new tokens, there is nothing to compile). Methods:
+- `plain`: `model.generate_without_tnot`, the original generate of the TNOT-enabled model. The
+  hooks stay registered but are inert outside TNOT's generate (each returns at its first check:
+  not in TNOT's generate / no delta to apply): 4 Python calls per forward, against ~1,100 kernel
+  launches. A truly hook-free model would be the same object before `enable_tnot_model`, which
+  cannot be timed interleaved with it (the hooks cannot be removed through the API).
+- `slot_tN`: `enable_tnot_model(model, TNOTConfig(prompt_only=True, times=N, lr=0.1, mode="slot",
+  entropy_control=False))` then `model.generate`: N AdamW steps on the prompt, then the delta is
+  added before lm_head at every generated token (the most work per token).
+- `srgen_tN`: mode "srgen" without entropy control: fits delta_normal and applies nothing at
+  decode, so it is the pure prompt-stage cost (its tokens should equal plain's: the row's
+  `srgen_t3_same_tokens_as_plain`, the fraction of equal new tokens in the warm-up run, is 1.0).
+Reported: median seconds per run, ms per generated token (prefill and optimization included),
+and the ratio to plain as the median over rounds of the paired ratio (adjacent runs, so slow
+drifts of the machine cancel). Goal: at most 1.05x at times=5 (SLOT reports ~1.08x at 3
+steps, SRGen ~1.49x).
+
+On the static path generate compiles `model.__call__`; dynamo traces the body and lm_head hooks,
+so each cache shape gets 3 graphs (plain: hooks inert; slot: a delta tensor to add; srgen: in
+TNOT's generate, no delta), then none per call (checked on CPU with inductor; each row records the
+graphs compiled during its timed rounds in `dynamo_during_timing`, which should be 0).
+
+Prompt stage alone: the same methods with max_new_tokens=1 (prefill + optimization, one
+token), dynamic cache (the prefill is eager on both paths), --prompt-stage-repeats rounds; the
+paired difference to plain is the optimization's cost. Run at the start of every overhead
+command (a few seconds; --skip-prompt-stage to leave it out).
+
+Memory (CUDA only): peak allocated during one generate with max_new_tokens=1 at a
+--memory-prompt-len prompt: plain, TNOT slot times=1 with ce_chunk=--ce-chunk (chunked) and with
+ce_chunk=prompt length (unchunked: all positions x vocab logits at once). OOM is recorded as
+"OOM".
+
+Writes the JSON given by --out, a PNG of the ratios and the markdown rows (for
+benchmarks/RESULTS.md) next to it, and prints the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from testtime.tnot import TNOTConfig, enable_tnot_model  # noqa: E402
+
+CONFIGS = {
+    # HuggingFaceTB/SmolLM2-135M (max positions raised: RoPE has no learned positions, prompts go to 16K)
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                         max_position_embeddings=32768, rms_norm_eps=1e-5),
+    # meta-llama/Llama-3.2-1B (GQA 32/8, tied embeddings; llama3 rope scaling left out)
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                        max_position_embeddings=131072, rms_norm_eps=1e-5),
+    # CPU smoke test
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, rope_theta=10000.0,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5),
+}
+
+START = time.perf_counter()
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def paired_ratio(a, b):
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def out_of_time(args) -> bool:
+    return time.perf_counter() - START > args.deadline_s
+
+
+def build(name: str, device, dtype):
+    cfg = LlamaConfig(**CONFIGS[name], bos_token_id=0, eos_token_id=None, pad_token_id=0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model.generation_config.eos_token_id = None  # no EOS: every run makes exactly max_new_tokens tokens
+    model.generation_config.pad_token_id = 0
+    return enable_tnot_model(model, TNOTConfig(prompt_only=True, times=1, lr=0.1, mode="slot", entropy_control=False))
+
+
+def tnot_config(method: str, **extra) -> TNOTConfig:
+    mode, times = method.split("_t")
+    return TNOTConfig(prompt_only=True, times=int(times), lr=0.1, mode=mode, entropy_control=False, **extra)
+
+
+def method_fn(model, method, ids, mask, kwargs, **extra):
+    if method == "plain":
+        return lambda: model.generate_without_tnot(input_ids=ids, attention_mask=mask, **kwargs)
+    cfg = tnot_config(method, **extra)
+
+    def run():
+        model.tnot_config = cfg
+        return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    return run
+
+
+def prompts(vocab, batch, length, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, length), generator=g).to(device)
+    return ids, torch.ones_like(ids)
+
+
+def dynamo_stats():
+    from torch._dynamo.utils import counters
+    return {"unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+
+
+# ------------------------------------------------------------------------------------------------
+# overhead
+
+
+def bench_overhead(name, model, args, device, results):
+    methods = ["plain"] + [f"slot_t{t}" for t in args.times] + [f"srgen_t{t}" for t in args.srgen_times]
+    for path in args.paths:
+        new_tokens = args.new_tokens if path == "static" else (args.dynamic_new_tokens or args.new_tokens)
+        # warm-up: the static path compiles at the first decode step of each cache shape, so it must
+        # run the full length; the dynamic path has nothing to compile
+        warm_tokens = new_tokens if path == "static" else min(new_tokens, 16)
+        for prompt_len in args.prompt_lens:
+            for batch in args.batch_sizes:
+                row = {"model": name, "path": path, "batch": batch, "prompt_len": prompt_len,
+                       "new_tokens": new_tokens, "errors": {}}
+                results["overhead"].append(row)
+                if out_of_time(args):
+                    row["errors"]["all"] = "skipped: --deadline-s reached"
+                    continue
+                ids, mask = prompts(model.config.vocab_size, batch, prompt_len, device, seed=prompt_len + batch)
+                common = dict(do_sample=False, pad_token_id=0)
+                if path == "static":
+                    common["cache_implementation"] = "static"
+                fns = {m: method_fn(model, m, ids, mask, dict(common, max_new_tokens=new_tokens)) for m in methods}
+                warm = {m: method_fn(model, m, ids, mask, dict(common, max_new_tokens=warm_tokens)) for m in methods}
+                live, outs = [], {}
+                for m in methods:
+                    try:
+                        for _ in range(max(args.warmup, 1)):  # >= 1: its tokens are checked below
+                            t, out = timed(warm[m], device)
+                            log(f"  warm-up {name} {path} p{prompt_len} b{batch} {m}: {t:.2f} s")
+                        assert out.shape == (batch, prompt_len + warm_tokens), out.shape
+                        outs[m] = out[:, prompt_len:]
+                        live.append(m)
+                    except Exception as err:  # e.g. the compiled static path failing with the hooks
+                        row["errors"][m] = f"{type(err).__name__}: {err}"[:2000]
+                        log(f"  {m} FAILED: {row['errors'][m][:300]}")
+                    dump(results, args)
+                for m in live:  # same tokens as plain? srgen (delta not applied) must match exactly
+                    if m != "plain" and "plain" in outs:
+                        row[f"{m}_same_tokens_as_plain"] = float((outs[m] == outs["plain"]).float().mean())
+                times = {m: [] for m in live}
+                stats0 = dynamo_stats()
+                for r in range(args.repeats):
+                    if out_of_time(args):
+                        row["errors"]["rounds"] = f"stopped after {r} rounds: --deadline-s reached"
+                        break
+                    for m in (live if r % 2 == 0 else live[::-1]):
+                        t, _ = timed(fns[m], device)
+                        times[m].append(t)
+                        log(f"  {name} {path} p{prompt_len} b{batch} round {r} {m}: {t:.3f} s "
+                            f"({1000 * t / new_tokens:.2f} ms/token)")
+                        row[f"{m}_runs_s"] = times[m]
+                        dump(results, args)
+                # graphs compiled during the timed rounds: > 0 means some method recompiles at every call
+                stats1 = dynamo_stats()
+                row["dynamo_during_timing"] = {k: stats1[k] - stats0[k] for k in stats0}
+                n = min((len(v) for v in times.values()), default=0)
+                row["rounds"] = n
+                for m in live:
+                    if n == 0:
+                        continue
+                    row[f"{m}_median_s"] = statistics.median(times[m][:n])
+                    row[f"{m}_ms_per_token"] = 1000 * row[f"{m}_median_s"] / new_tokens
+                    if m != "plain" and "plain" in times:
+                        row[f"{m}_ratio"] = paired_ratio(times[m][:n], times["plain"][:n])
+                log("  " + json.dumps({k: v for k, v in row.items() if not k.endswith("_runs_s")}))
+                dump(results, args)
+
+
+def bench_prompt_stage(name, model, args, device, results):
+    """Prefill + optimization + one token, dynamic cache: TNOT minus plain is the optimization's cost."""
+    methods = ["plain"] + [f"slot_t{t}" for t in args.times]
+    for prompt_len in args.prompt_lens:
+        if out_of_time(args):
+            break
+        ids, mask = prompts(model.config.vocab_size, 1, prompt_len, device, seed=prompt_len)
+        kwargs = dict(do_sample=False, pad_token_id=0, max_new_tokens=1)
+        fns = {m: method_fn(model, m, ids, mask, kwargs) for m in methods}
+        for m in methods:
+            for _ in range(max(args.warmup, 1)):
+                fns[m]()
+        times = {m: [] for m in methods}
+        for r in range(args.prompt_stage_repeats):
+            for m in (methods if r % 2 == 0 else methods[::-1]):
+                times[m].append(timed(fns[m], device)[0])
+        row = {"model": name, "batch": 1, "prompt_len": prompt_len,
+               "plain_ms": 1000 * statistics.median(times["plain"])}
+        for m in methods[1:]:
+            row[f"{m}_ms"] = 1000 * statistics.median(times[m])
+            row[f"{m}_extra_ms"] = 1000 * statistics.median(a - b for a, b in zip(times[m], times["plain"]))
+        log("  prompt stage " + json.dumps(row))
+        results["prompt_stage"].append(row)
+        dump(results, args)
+
+
+# ------------------------------------------------------------------------------------------------
+# memory
+
+
+def bench_memory(name, model, args, device, results):
+    prompt_len = args.memory_prompt_len
+    ids, mask = prompts(model.config.vocab_size, 1, prompt_len, device, seed=1)
+    kwargs = dict(do_sample=False, pad_token_id=0, max_new_tokens=1)
+    row = {"model": name, "prompt_len": prompt_len, "ce_chunk": args.ce_chunk}
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        row["weights_gib"] = torch.cuda.memory_allocated(device) / 2**30
+    variants = {"plain": method_fn(model, "plain", ids, mask, kwargs),
+                "chunked": method_fn(model, f"slot_t{args.memory_times}", ids, mask, kwargs, ce_chunk=args.ce_chunk),
+                "unchunked": method_fn(model, f"slot_t{args.memory_times}", ids, mask, kwargs, ce_chunk=prompt_len)}
+    for v, fn in variants.items():
+        if out_of_time(args):
+            row[f"{v}_peak_gib"] = "skipped: --deadline-s reached"
+            continue
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            t, _ = timed(fn, device)
+            row[f"{v}_s"] = t
+            row[f"{v}_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+        except torch.OutOfMemoryError:
+            row[f"{v}_peak_gib"] = "OOM"
+        log(f"  memory {name} p{prompt_len} {v}: peak {row[f'{v}_peak_gib']} GiB")
+        if cuda:
+            torch.cuda.empty_cache()
+    results["memory"].append(row)
+    dump(results, args)
+
+
+# ------------------------------------------------------------------------------------------------
+# output
+
+
+def dump(results, args):
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def fmt(value, spec="{:.2f}"):
+    return spec.format(value) if isinstance(value, (int, float)) else (str(value) if value is not None else "-")
+
+
+def markdown(results, methods) -> str:
+    lines = []
+    if results["overhead"]:
+        names = [m for m in methods if m != "plain"]
+        lines += ["| model | cache | batch | prompt | new tokens | n | plain ms/tok | "
+                  + " | ".join(f"{m} ratio (ms/tok)" for m in names) + " |",
+                  "| --- " * (7 + len(names)) + "|"]
+        for r in results["overhead"]:
+            cells = []
+            for m in names:
+                if m in r["errors"]:
+                    cells.append("failed")
+                else:
+                    cells.append(f"{fmt(r.get(f'{m}_ratio'), '{:.3f}x')} ({fmt(r.get(f'{m}_ms_per_token'))})")
+            lines.append(f"| {r['model']} | {r['path']} | {r['batch']} | {r['prompt_len']} | {r['new_tokens']} | "
+                         f"{r.get('rounds', 0)} | {fmt(r.get('plain_ms_per_token'))} | " + " | ".join(cells) + " |")
+    if results["prompt_stage"]:
+        names = [k[:-9] for k in results["prompt_stage"][0] if k.endswith("_extra_ms")]
+        lines += ["", "| model | prompt | plain prefill + 1 token ms | "
+                  + " | ".join(f"{m} extra ms" for m in names) + " |", "| --- " * (3 + len(names)) + "|"]
+        for r in results["prompt_stage"]:
+            lines.append(f"| {r['model']} | {r['prompt_len']} | {r['plain_ms']:.1f} | "
+                         + " | ".join(f"{r[f'{m}_extra_ms']:.1f}" for m in names) + " |")
+    if results["memory"]:
+        lines += ["", "| model | prompt | weights GiB | plain peak GiB | chunked CE peak GiB | unchunked CE peak GiB |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in results["memory"]:
+            lines.append(f"| {r['model']} | {r['prompt_len']} | {fmt(r.get('weights_gib'))} | "
+                         f"{fmt(r.get('plain_peak_gib'))} | {fmt(r.get('chunked_peak_gib'))} (chunk {r['ce_chunk']}) | "
+                         f"{fmt(r.get('unchunked_peak_gib'))} |")
+    return "\n".join(lines)
+
+
+def plot(results, path: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in results["overhead"] if any(k.endswith("_ratio") for k in r)]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ticks = set()
+    for r in rows:
+        label = f"{r['model']} {r['path']} p{r['prompt_len']} b{r['batch']}"
+        xs = sorted(int(k[6:-6]) for k in r if k.startswith("slot_t") and k.endswith("_ratio"))
+        ticks.update(xs)
+        line, = ax.plot(xs, [r[f"slot_t{x}_ratio"] for x in xs], marker="o", label=label)
+        for k in r:
+            if k.startswith("srgen_t") and k.endswith("_ratio"):
+                ax.plot([int(k[7:-6])], [r[k]], marker="x", ms=9, color=line.get_color(), ls="")
+                ticks.add(int(k[7:-6]))
+    ax.set_xticks(sorted(ticks))
+    ax.axhline(1.05, color="tab:green", ls="--", lw=1, label="goal 1.05x at times=5")
+    ax.axhline(1.08, color="tab:gray", ls=":", lw=1, label="SLOT reported ~1.08x (3 steps)")
+    ax.set_xlabel("optimization steps (times); o = slot, x = srgen (prompt stage only)")
+    ax.set_ylabel("time ratio (TNOT generate / plain generate)")
+    ax.set_title("TNOT overhead, paired median over rounds", fontsize=9)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny config, short prompts, few tokens: a CPU smoke test")
+    p.add_argument("--models", default="smollm2-135m,llama3.2-1b", help=f"comma list of {sorted(CONFIGS)}")
+    p.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
+    p.add_argument("--paths", default="static,dynamic", help="cache paths: static (compiled on GPU), dynamic")
+    p.add_argument("--prompt-lens", default="256,4096")
+    p.add_argument("--batch-sizes", default="1")
+    p.add_argument("--times", default="1,3,5", help="slot optimization steps to time")
+    p.add_argument("--srgen-times", default="3", help="srgen (no entropy control) steps to time; '' for none")
+    p.add_argument("--new-tokens", type=int, default=512)
+    p.add_argument("--dynamic-new-tokens", type=int, default=None,
+                   help="new tokens on the (slow, eager) dynamic path; default --new-tokens")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--prompt-stage-repeats", type=int, default=7)
+    p.add_argument("--memory-prompt-len", type=int, default=16384)
+    p.add_argument("--memory-times", type=int, default=1)
+    p.add_argument("--ce-chunk", type=int, default=1024, help="chunk of the chunked memory variant")
+    p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--skip-prompt-stage", action="store_true")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--deadline-s", type=float, default=540, help="start no new run after this many seconds")
+    p.add_argument("--out", default="runs/bench/tnot.json")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.models, args.prompt_lens, args.new_tokens, args.repeats = "tiny", "32,64", 8, 2
+        args.memory_prompt_len, args.ce_chunk, args.prompt_stage_repeats = 256, 32, 3
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    args.prompt_lens, args.batch_sizes = ints(args.prompt_lens), ints(args.batch_sizes)
+    args.times, args.srgen_times = ints(args.times), ints(args.srgen_times)
+    args.paths = args.paths.split(",")
+    # plain, slot and srgen decode graphs x cache shapes share one compiled __call__: room for all
+    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
+    import transformers
+
+    results = {
+        "date": time.strftime("%Y-%m-%d"), "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "dtype": str(dtype), "args": vars(args), "configs": {m: CONFIGS[m] for m in args.models.split(",")},
+        "tnot_settings": dict(prompt_only=True, lr=0.1, entropy_control=False),
+        "overhead": [], "prompt_stage": [], "memory": [],
+    }
+    for name in args.models.split(","):
+        log(f"== {name}")
+        model = build(name, device, dtype)
+        if not args.skip_overhead:
+            if not args.skip_prompt_stage:
+                bench_prompt_stage(name, model, args, device, results)
+            bench_overhead(name, model, args, device, results)
+        if not args.skip_memory:
+            bench_memory(name, model, args, device, results)
+        from torch._dynamo.utils import counters
+
+        results.setdefault("compile_counters", {})[name] = {k: dict(v) for k, v in counters.items()
+                                                             if k in ("inductor", "stats", "graph_break")}
+        log(f"  counters: {results['compile_counters'][name]}")
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    methods = ["plain"] + [f"slot_t{t}" for t in args.times] + [f"srgen_t{t}" for t in args.srgen_times]
+    table = markdown(results, methods)
+    print(table)
+    if args.out:
+        dump(results, args)
+        Path(args.out).with_suffix(".md").write_text(table + "\n")
+        plot(results, Path(args.out).with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
