@@ -6,7 +6,8 @@ Importing the package registers the classes, so configs may name them by their s
 - `GoldilocksFilter` (`callbacks.goldilocks`): installs itself as `pl_module.token_filter` and
   selects the tokens a temperature head trains on (`testtime.autodeco.goldilocks_mask`).
 - `EntropyDiagnostics` (`callbacks.entropy_diagnostics`): sets `pl_module.collect_diagnostics`
-  and turns the per-token tensors `training_step` returns into JSON lines and plots.
+  and turns the per-token tensors `training_step` returns, and the generation traces
+  `validation_step`/`test_step` return (TNOT), into JSON lines and plots.
 - `ExportOnFitEnd` (`callbacks.export`): writes the method's serving checkpoint when `fit` ends.
 - `PredictionWriter` (`callbacks.predictions`): writes what `predict` returns to `predictions.jsonl`.
 

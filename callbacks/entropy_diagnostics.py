@@ -1,4 +1,4 @@
-"""Per-token training diagnostics: JSON lines of statistics plus plots at the end of `fit`.
+"""Per-token diagnostics: JSON lines and plots of training statistics (fit) and generation traces (validate/test).
 
 `EntropyDiagnostics` sets `pl_module.collect_diagnostics = True`. A module that supports it
 returns from `training_step`
@@ -26,6 +26,18 @@ Written on global rank 0 only, into `output_dir` (default `<trainer.log_dir>/dia
   keeps the label) and the head's range [0, 2].
 - `by_entropy.png`: each other per-token value (mean +/- std) in bins of token entropy.
 - `over_steps.png`: the per-line means and `min_p_ok_frac` over training.
+
+Generation traces (`validate` / `test`): a module whose `validation_step` / `test_step` returns
+`{"traces": [...]}` (TNOT: one trace per decoded sample: `setting`, `problem`, `draw`, per-token
+`entropy`, `entropy_original`, `threshold` (None where nothing is watched), `stop_positions`,
+`retries`) gets, at the end of each such epoch:
+
+- `<stage>_traces.jsonl`: the traces, one a line (`stage` is `val` or `test`);
+- `<stage>_trace_summary.json`: per setting: samples, tokens, entropy statistics, the fraction of
+  samples stopped at least once, mean and max retries, statistics of the stop positions;
+- `<stage>_entropy_over_positions.png`: one panel per setting (up to 6): entropy over the generated
+  positions for a few samples (the most stopped first) with their thresholds dashed and their
+  forced stops marked, and the mean entropy of all samples.
 
 Under DDP the numbers are rank 0's share of each batch (a 1/world_size sample); other ranks
 write nothing. The JSON file is started afresh by each `fit`, and appended to when the fit
