@@ -30,7 +30,7 @@ Written on global rank 0 only, into `output_dir` (default `<trainer.log_dir>/dia
 Generation traces (`validate` / `test`): a module whose `validation_step` / `test_step` returns
 `{"traces": [...]}` (TNOT: one trace per decoded sample: `setting`, `problem`, `draw`, per-token
 `entropy`, `entropy_original`, `threshold` (None where nothing is watched), `stop_positions`,
-`retries`) gets, at the end of each such epoch:
+`stop_entropies`, `retries`) gets, at the end of each such epoch:
 
 - `<stage>_traces.jsonl`: the traces, one a line (`stage` is `val` or `test`);
 - `<stage>_trace_summary.json`: per setting: samples, tokens, entropy statistics, the fraction of
@@ -327,9 +327,11 @@ class EntropyDiagnostics(L.Callback):
                 thr = np.array([np.nan if v is None else v for v in t["threshold"]], dtype=float)
                 if np.isfinite(thr).any():
                     ax.plot(x, thr, color=color, lw=0.8, ls="--")
-                for pos in t["stop_positions"]:
-                    if pos < len(t["entropy"]):
-                        ax.plot(pos, t["entropy"][pos], "x", color="red", ms=7)
+                # at the entropy that triggered the stop (the kept token there is the retry's)
+                at = t.get("stop_entropies") or [t["entropy"][p] if p < len(t["entropy"]) else np.nan
+                                                 for p in t["stop_positions"]]
+                for pos, e in zip(t["stop_positions"], at):
+                    ax.plot(pos, e, "x", color="red", ms=7)
             ax.plot(np.arange(longest), np.nanmean(padded, axis=0), color="black", lw=2, label="mean entropy")
             ax.plot([], [], color="gray", ls="--", label="threshold (per sample)")
             ax.plot([], [], "x", color="red", label="forced stop")

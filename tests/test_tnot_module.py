@@ -74,8 +74,8 @@ def test_traces_follow_the_samples(tiny_model_dir, batch):
         if t["setting"] == "plain":
             assert t["retries"] == 0 and not t["stop_positions"] and set(t["threshold"]) == {None}
         else:  # a random model's entropy (~log vocab) is above the static 3.0: every sample stops and retries
-            assert t["retries"] == 2 and len(t["stop_positions"]) == 3
-            assert all(v == 3.0 for v in t["threshold"])
+            assert t["retries"] == 2 and len(t["stop_positions"]) == len(t["stop_entropies"]) == 3
+            assert all(v == 3.0 for v in t["threshold"]) and all(e > 3.0 for e in t["stop_entropies"])
 
 
 def test_fit_is_refused_with_a_clear_message(tiny_model_dir):

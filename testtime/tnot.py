@@ -587,18 +587,23 @@ def sample_traces(model) -> list[dict]:
     """Per sample of the last `generate` (recorded with `record_entropy`): the tokens kept.
 
     Each trace: entropy, entropy_original and threshold of each kept token in order (a retry's
-    record replaces the forced stop it continues from), the forced stop positions and retries.
+    record replaces the forced stop it continues from), the forced stop positions with the
+    entropies that triggered them, and the retries.
     """
     final: dict[tuple[int, int], dict] = {}  # (sample, step) -> the record of the kept token (the last pass wins)
+    stop_entropies: dict[int, list[float]] = {}
     for rec in model.entropy_records:
         final[(rec["sample"], rec["step"])] = rec
+        if rec["stopped"]:
+            stop_entropies.setdefault(rec["sample"], []).append(rec["entropy"])
     traces = []
     for b in range(len(model.retries)):
         kept = [final[key] for key in sorted(k for k in final if k[0] == b)]
         traces.append({"sample": b, "entropy": [r["entropy"] for r in kept],
                        "entropy_original": [r["entropy_original"] for r in kept],
                        "threshold": [r["threshold"] for r in kept],
-                       "stop_positions": list(model.stop_positions[b]), "retries": int(model.retries[b])})
+                       "stop_positions": list(model.stop_positions[b]), "stop_entropies": stop_entropies.get(b, []),
+                       "retries": int(model.retries[b])})
     return traces
 
 
