@@ -186,26 +186,61 @@ def test_srgen_high_threshold_equals_plain_and_retries_continue(tokenizer, monke
         if x is not None and x.shape[1] > 1:
             prefills.append((x.clone(), kwargs.get("attention_mask")))
 
+    passes = []
+    original_pass = tnot._generate_pass
+
+    def counting_pass(model, input_ids, attention_mask, rows, *args, **kwargs):
+        passes.append(list(rows))
+        return original_pass(model, input_ids, attention_mask, rows, *args, **kwargs)
+
+    monkeypatch.setattr(tnot, "_generate_pass", counting_pass)
     handle = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
     out = _greedy(model, ids, mask)
     handle.remove()
     P = ids.shape[1]
     assert torch.equal(out[:, :P], ids) and out.shape[1] <= P + 8
-    assert sum(model.retries) >= 1 and max(model.retries) <= 3
+    assert model.retries == [3, 3]
+    # the samples stopped in a pass retry together: one pass per round, both rows in it
+    assert passes == [[0, 1]] * 4
     assert len(prefills) == 1  # retries reuse the KV cache of their prefix: no second prefill
     reused = (out.clone(), model.delta.clone(), list(model.high_entropy_position), list(model.retries))
 
     # the same retries with a full re-prefill of prompt + own tokens give the same result
-    monkeypatch.setattr(tnot, "_croppable", lambda cache: False)
+    monkeypatch.setattr(tnot, "_stack_rows", lambda items: None)
     handle = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
     prefills.clear()
     out2 = _greedy(model, ids, mask)
     handle.remove()
-    assert len(prefills) == 1 + sum(model.retries)
+    assert len(prefills) == 1 + max(model.retries)
     assert torch.equal(out2, reused[0]) and model.high_entropy_position == reused[2] and model.retries == reused[3]
     assert torch.allclose(model.delta, reused[1], atol=1e-5)
-    for x, m in prefills[1:]:  # each re-prefill is the sample's padded prompt + its own generated tokens
-        assert any(torch.equal(x[0, :P], ids[b]) and torch.equal(x[0, P:], out[b, P: x.shape[1]]) for b in range(2))
+    for x, m in prefills[1:]:  # each re-prefill row is a sample's prompt + its own generated tokens, left-padded
+        for row, row_mask in zip(x, m):
+            tokens = row[row_mask.bool()]
+            assert any(torch.equal(tokens, torch.cat([ids[b][mask[b].bool()], out[b, P: P + len(tokens) - int(mask[b].sum())]]))
+                       for b in range(2))
+
+
+def test_batched_retries_equal_each_sample_alone(tokenizer):
+    # padding a sample next to others (first pass and retry rounds) changes none of its tokens or stops
+    texts = ["Count: 1 2 3 4", "Hi", "What is 12+7?"]
+    config = dict(prompt_only=True, times=2, mode="srgen", entropy_control=True, max_retries=3)
+    probe = enable_tnot_model(_tiny(tokenizer), TNOTConfig(**config, entropy_threshold=1e9))
+    ids, mask = _prompt(tokenizer, texts)
+    _greedy(probe, ids, mask)
+    seen = sorted(e for h in probe.entropy_history for e in h)
+    k = len(seen) // 2  # between two observed values: float noise of padding cannot flip a stop
+    model = enable_tnot_model(_tiny(tokenizer), TNOTConfig(**config, entropy_threshold=(seen[k] + seen[k + 1]) / 2))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    together = _greedy(model, ids, mask)
+    joint = (list(model.retries), list(model.stop_positions))
+    assert sum(joint[0]) >= 2
+    for b, text in enumerate(texts):
+        one_ids, one_mask = _prompt(tokenizer, [text])
+        alone = _greedy(model, one_ids, one_mask)
+        row = together[b][mask[b].bool().tolist() + [True] * (together.shape[1] - ids.shape[1])]
+        assert torch.equal(row[: alone.shape[1]], alone[0]) and (row[alone.shape[1]:] == 0).all()
+        assert (model.retries[0], model.stop_positions[0]) == (joint[0][b], joint[1][b])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

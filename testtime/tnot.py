@@ -21,7 +21,8 @@ Done right where the originals were not (REFERENCE.md section 2):
 - one delta per sample ([B, 1, H]), per-sample entropy history, thresholds and stops;
 - retries continue from token ids (no decode / re-tokenize round trip, chat tokens kept) and
   reuse the KV cache and final hidden states of their prefix: only the last kept token goes
-  through the body again (a full re-prefill only for caches that cannot be cropped).
+  through the body again (a full re-prefill only for caches that are not plain dynamic ones);
+  the samples stopped in one pass retry together, as one left-padded batch.
 
 Use:
     TNOTModel = enable_tnot(AutoModelForCausalLM)
@@ -37,7 +38,6 @@ is unchanged, and `model.generate_without_tnot` is the original `generate` (the 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -194,7 +194,8 @@ class _State:
         self.context_hidden = None     # retry: final hidden states of the cached prefix [B, C, H]
         self.hidden_log = None         # final hidden states of every body call of this pass
         self.unshifted = None          # record_entropy: last-position head input before the delta
-        self.retry = 0                 # 0: first pass; r: the r-th retry of the sample(s) in this pass
+        self.retry = 0                 # 0: first pass; r: the r-th retry round
+        self.limits = None             # per row of the pass: the step at which watching stops
 
 
 def _config_ids(model, name: str) -> list[int]:
@@ -355,7 +356,7 @@ def _head_hook(model):
         forced = []
         for i in range(logits.shape[0]):
             row = st.rows[i]
-            if st.stopped[i] or st.done[i]:
+            if st.stopped[i] or st.done[i] or (st.limits is not None and st.steps[i] >= st.limits[i]):
                 continue
             hist = model.entropy_history[row]
             thr = None
@@ -419,7 +420,7 @@ def _eos_ids(model) -> set:
 
 
 def _generate_pass(model, input_ids, attention_mask, rows, reflect, kwargs, past=None, context_hidden=None,
-                   keep_hidden=False, retry=0):
+                   keep_hidden=False, retry=0, limits=None):
     """One call of the original generate with the hooks armed.
 
     Returns (new tokens [B, n], which rows got a forced EOS, the KV cache, the final hidden
@@ -437,6 +438,7 @@ def _generate_pass(model, input_ids, attention_mask, rows, reflect, kwargs, past
     st.stopped = [False] * len(rows)
     st.done = [False] * len(rows)
     st.steps = [model._generated_so_far[r] for r in rows]
+    st.limits = limits  # per row: steps at and past its limit are not watched (a batch runs to its longest budget)
     st.context_hidden = context_hidden
     st.hidden_log = [] if keep_hidden else None
     st.in_generate = True
@@ -461,30 +463,27 @@ def _generate_pass(model, input_ids, attention_mask, rows, reflect, kwargs, past
     return seqs[:, input_ids.shape[1]:], list(st.stopped), cache, hidden
 
 
-def _croppable(cache) -> bool:
-    return cache is not None and hasattr(cache, "crop") and hasattr(cache, "batch_select_indices") \
-        and getattr(cache, "is_croppable", True) is not False
+def _stack_rows(items):
+    """One DynamicCache of the given (cache, row, length) rows, each cut to its first `length`
+    positions and left-padded with zeros to the longest (the padding is masked out by the caller).
 
+    None when a source is not a plain dynamic cache (static, sliding-window, quantized ...): the
+    caller then recomputes those prefixes.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
-def _row_cache(cache, row: int, length: int):
-    """A copy of one row of `cache`, cut to its first `length` positions."""
-    one = copy.deepcopy(cache)
-    one.batch_select_indices(torch.tensor([row], device=_cache_device(cache)))
-    extra = one.get_seq_length() - length
-    if extra < 0:
-        raise ValueError(f"the cache holds {one.get_seq_length()} positions, fewer than the {length} to keep")
-    if extra > 0:
-        one.crop(-extra)  # transformers 5: a negative count removes that many trailing positions
-    return one
-
-
-def _cache_device(cache):
-    layers = getattr(cache, "layers", None)
-    if layers:
-        keys = getattr(layers[0], "keys", None)
-        if keys is not None:
-            return keys.device
-    return "cpu"
+    for cache, _, _ in items:
+        layers = getattr(cache, "layers", None)
+        if not layers or not all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
+            return None
+    longest = max(n for _, _, n in items)
+    out = DynamicCache()
+    for i in range(len(items[0][0].layers)):
+        keys = torch.cat([F.pad(c.layers[i].keys[r:r + 1, :, :n], (0, 0, longest - n, 0)) for c, r, n in items])
+        values = torch.cat([F.pad(c.layers[i].values[r:r + 1, :, :n], (0, 0, longest - n, 0)) for c, r, n in items])
+        out.update(keys, values, i)
+    return out
 
 
 def _first_eos_cut(row: torch.Tensor, eos_ids: set) -> torch.Tensor:
@@ -530,32 +529,46 @@ def _tnot_generate(model):
         eos_ids = _eos_ids(model) | {eos}
         pad = _pad_id(model, eos)
         max_new = kwargs.get("max_new_tokens", gen_cfg.max_new_tokens) or 20
-        # per sample: kept new tokens (cut after the first EOS), and where its cache/hidden live
+        # per sample: kept new tokens (cut after the first EOS), and where its cache lives: the pass
+        # that made it, its row there, that row's input (with its padding) and how many of the
+        # sample's kept tokens came before that pass
         generated = [_first_eos_cut(new[b], eos_ids) for b in range(batch)]
-        source = [(cache, hidden, b) for b in range(batch)]  # (cache, hidden states, row in them)
+        source = [(cache, hidden, b, input_ids[b], attention_mask[b], 0) for b in range(batch)]
         retries = [0] * batch
-        for b in range(batch):
-            # each sample stopped by entropy retries on its own, from its own tokens, up to max_retries
-            while (retries[b] < cfg.max_retries and model.high_entropy_samples[b]
-                   and model._stopped_by_entropy(b, generated[b]) and len(generated[b]) - 1 < max_new):
+        for round_ in range(1, cfg.max_retries + 1):
+            # every sample stopped by entropy retries, all of them in one batch per round
+            todo = [b for b in range(batch) if retries[b] < cfg.max_retries and model.high_entropy_samples[b]
+                    and model._stopped_by_entropy(b, generated[b]) and len(generated[b]) - 1 < max_new]
+            if not todo:
+                break
+            rows, kept = [], {}  # all samples of a round are on their round_-th retry
+            for b in todo:
                 retries[b] += 1
-                kept = generated[b][:-1]  # drop the forced EOS
-                model._generated_so_far[b] = len(kept)
+                kept[b] = generated[b][:-1]  # drop the forced EOS
+                model._generated_so_far[b] = len(kept[b])
                 model.high_entropy_samples[b] = False
-                ids = torch.cat([input_ids[b], kept])[None]
-                mask = torch.cat([attention_mask[b], torch.ones_like(kept)])[None]
-                src_cache, src_hidden, row = source[b]
-                past = context = None
-                if _croppable(src_cache) and src_hidden is not None:
-                    # reuse the prefix's KV cache: only the last kept token goes through the body again
-                    length = ids.shape[1] - 1
-                    past = _row_cache(src_cache, row, length)
-                    context = src_hidden[row: row + 1, :length]
-                more, _, cache_b, hidden_b = _generate_pass(
-                    model, ids, mask, [b], True, {**kwargs, "max_new_tokens": max_new - len(kept)},
-                    past=past, context_hidden=context, keep_hidden=True, retry=retries[b])
-                generated[b] = torch.cat([kept, _first_eos_cut(more[0], eos_ids)])
-                source[b] = (cache_b, hidden_b, 0)
+                _, _, _, ids_b, mask_b, before = source[b]
+                since = kept[b][before:]  # the tokens this sample's source pass generated and kept
+                rows.append((torch.cat([ids_b, since]), torch.cat([mask_b, torch.ones_like(since)])))
+            width_r = max(len(ids) for ids, _ in rows)
+            ids = torch.stack([F.pad(i, (width_r - len(i), 0), value=pad) for i, _ in rows])
+            mask = torch.stack([F.pad(m, (width_r - len(m), 0), value=0) for _, m in rows])
+            # reuse the prefixes' KV caches: only the last kept token of each row goes through the body
+            past = context = None
+            items = [(source[b][0], source[b][2], len(i) - 1) for b, (i, _) in zip(todo, rows)]
+            if all(source[b][1] is not None for b in todo):
+                past = _stack_rows(items)
+            if past is not None:
+                context = torch.stack([F.pad(source[b][1][r, :n], (0, 0, width_r - 1 - n, 0))
+                                       for b, (_, r, n) in zip(todo, items)])
+            budget = {b: max_new - len(kept[b]) for b in todo}
+            more, _, cache_r, hidden_r = _generate_pass(
+                model, ids, mask, todo, True, {**kwargs, "max_new_tokens": max(budget.values())},
+                past=past, context_hidden=context, keep_hidden=True, retry=round_,
+                limits=[max_new] * len(todo))
+            for i, b in enumerate(todo):
+                generated[b] = torch.cat([kept[b], _first_eos_cut(more[i, :budget[b]], eos_ids)])
+                source[b] = (cache_r, hidden_r, i, ids[i], mask[i], len(kept[b]))
         model.retries = retries
         model.high_entropy_detected = any(model.high_entropy_samples)
         _write_records(model, generated)
