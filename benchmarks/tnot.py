@@ -55,8 +55,8 @@ graphs compiled during its timed rounds in `dynamo_during_timing`, which should 
 
 Prompt stage alone: the same methods with max_new_tokens=1 (prefill + optimization, one
 token), dynamic cache (the prefill is eager on both paths), --prompt-stage-repeats rounds; the
-paired difference to plain is the optimization's cost. Run at the start of every overhead
-command (a few seconds; --skip-prompt-stage to leave it out).
+paired difference to plain is the optimization's cost. Run at the start of every command,
+also with --skip-overhead (a few seconds; --skip-prompt-stage to leave it out).
 
 Memory (CUDA only): peak allocated during one generate with max_new_tokens=1 at a
 --memory-prompt-len prompt: plain, TNOT slot times=1 with ce_chunk=--ce-chunk (chunked) and with
@@ -431,9 +431,9 @@ def main(argv=None):
     for name in args.models.split(","):
         log(f"== {name}")
         model = build(name, device, dtype)
+        if not args.skip_prompt_stage:
+            bench_prompt_stage(name, model, args, device, results)
         if not args.skip_overhead:
-            if not args.skip_prompt_stage:
-                bench_prompt_stage(name, model, args, device, results)
             bench_overhead(name, model, args, device, results)
         if not args.skip_memory:
             bench_memory(name, model, args, device, results)

@@ -162,7 +162,9 @@ def chunked_prompt_ce(head: nn.Module, hidden: torch.Tensor, delta: torch.Tensor
         if not (y != -100).any():
             continue
         logits = head((h.float() + delta).to(h.dtype)).float()
-        ce = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100, reduction="none")  # [B, c]
+        # rows of (position, vocab): CE over a transposed [B, V, c] view is ~100x slower on a GPU
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
+                             reduction="none").view(y.shape)  # [B, c]
         part = (ce.sum(1) / counts).sum()
         if backward:
             (part * scale).backward()
