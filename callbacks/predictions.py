@@ -1,7 +1,7 @@
 """Write what `predict` returns to a JSON-lines file (Lightning's `predict` returns it to nobody on the CLI).
 
 Each row a module's `predict_step` returns (a dict, e.g. `{"completion", "answer", ...}`) becomes one
-line, with the batch's `ids` (a prompt datamodule's record ids) or the running row index as `"id"`.
+line, with the batch's `ids` (a prompt datamodule's record ids), else the dataset index of the row, as `"id"`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         ids = batch.get("ids") if isinstance(batch, dict) else None
+        if ids is None and batch_indices is not None and len(batch_indices) == len(prediction):
+            ids = list(batch_indices)  # dataset indices: unique across DDP ranks
         with open(self.path, "a") as f:
             for i, row in enumerate(prediction):
                 rid = ids[i] if ids is not None else self._rows + i

@@ -165,10 +165,12 @@ class TNOTModule(TesttimeModule):
 
     def on_test_epoch_end(self) -> None:
         results = self.log_accuracies("test")
+        # prompts scored on all ranks (every rank takes part in the reduction)
+        n = int(self.trainer.strategy.reduce(torch.tensor(float(self._batch_offset), device=self.device),
+                                             reduce_op="sum"))
         if not results or not self.trainer.is_global_zero:
             return
         results = {k.removeprefix("test/acc_"): v for k, v in results.items()}
-        n = len(getattr(self.trainer.datamodule, "problems", {}).get("test", [])) or self._batch_offset
         hp = self.hparams
         how = f"T={hp.temperature}, k={self.eval_num_samples}" if hp.temperature > 0 else "greedy"
         table = format_table(results, n)

@@ -130,7 +130,8 @@ def test_env_variables_map_to_config():
 
 
 def test_adaptive_threshold_formula():
-    assert adaptive_threshold([1.0] * 5, n=5, k=2.0, static=3.0) == 3.0  # not more than N values yet
+    assert adaptive_threshold([1.0] * 4, n=5, k=2.0, static=3.0) == 3.0  # fewer than N values yet
+    assert adaptive_threshold([1.0] * 5, n=5, k=2.0, static=3.0) == 2.0  # N values: the window applies
     hist = [0.0, 10.0] * 3  # last 4: 0,10,0,10 -> mean 5, std 5.7735
     t = adaptive_threshold(hist, n=4, k=2.0, static=3.0)
     assert t == pytest.approx(5.0 + 2.0 * torch.tensor([0.0, 10.0, 0.0, 10.0]).std().item())
@@ -141,16 +142,22 @@ def test_adaptive_threshold_formula():
 def test_entropy_threshold_zero_stops_at_first_token(tokenizer):
     eos = tokenizer.eos_token_id
     ids, mask = _prompt(tokenizer, ["Tell me a story", "Hi"])
-    for retries in (0, 2):
-        model = enable_tnot_model(_tiny(tokenizer),
-                                  TNOTConfig(prompt_only=True, times=1, entropy_control=True, entropy_threshold=0.0,
-                                             mode="srgen", max_retries=retries))
-        model.generation_config.eos_token_id = eos
-        out = _greedy(model, ids, mask, n=6)
-        assert out[:, ids.shape[1]].tolist() == [eos, eos]
-        assert model.high_entropy_detected and model.high_entropy_samples == [True, True]
-        assert model.high_entropy_position == [0, 0]
-        assert all(len(h) >= 1 for h in model.entropy_history)
+    P = ids.shape[1]
+    # max_retries 0: entropy control as early stopping, the forced EOS ends the sample
+    model = enable_tnot_model(_tiny(tokenizer), TNOTConfig(prompt_only=True, times=1, entropy_control=True,
+                                                           entropy_threshold=0.0, mode="srgen", max_retries=0))
+    model.generation_config.eos_token_id = eos
+    out = _greedy(model, ids, mask, n=6)
+    assert out[:, P].tolist() == [eos, eos] and out.shape[1] == P + 1
+    assert model.high_entropy_detected and model.high_entropy_samples == [True, True]
+    assert model.high_entropy_position == [0, 0] and model.retries == [0, 0]
+    # with retries: the token reflected on is not judged again, so each retry moves one token on;
+    # once they are used up the sample finishes without entropy control (as published)
+    model.tnot_config.max_retries = 2
+    out = _greedy(model, ids, mask, n=6)
+    assert model.stop_positions == [[0, 1, 2], [0, 1, 2]] and model.retries == [2, 2]
+    assert out.shape[1] == P + 6 and not (out[:, P:P + 3] == eos).any()
+    assert [len(h) for h in model.entropy_history] == [3, 3]  # only the judged tokens enter the history
 
 
 def test_body_runs_once_per_prefill(tokenizer):
@@ -200,8 +207,10 @@ def test_srgen_high_threshold_equals_plain_and_retries_continue(tokenizer, monke
     P = ids.shape[1]
     assert torch.equal(out[:, :P], ids) and out.shape[1] <= P + 8
     assert model.retries == [3, 3]
-    # the samples stopped in a pass retry together: one pass per round, both rows in it
-    assert passes == [[0, 1]] * 4
+    assert all(p == sorted(set(p)) for p in model.stop_positions)  # each retry moves on
+    # the samples stopped in a pass retry together: one pass per round, both rows in it, then the
+    # last pass without entropy control
+    assert passes == [[0, 1]] * 5
     assert len(prefills) == 1  # retries reuse the KV cache of their prefix: no second prefill
     reused = (out.clone(), model.delta.clone(), list(model.high_entropy_position), list(model.retries))
 
@@ -211,7 +220,7 @@ def test_srgen_high_threshold_equals_plain_and_retries_continue(tokenizer, monke
     prefills.clear()
     out2 = _greedy(model, ids, mask)
     handle.remove()
-    assert len(prefills) == 1 + max(model.retries)
+    assert len(prefills) == 1 + max(model.retries) + 1
     assert torch.equal(out2, reused[0]) and model.high_entropy_position == reused[2] and model.retries == reused[3]
     assert torch.allclose(model.delta, reused[1], atol=1e-5)
     for x, m in prefills[1:]:  # each re-prefill row is a sample's prompt + its own generated tokens, left-padded
@@ -221,7 +230,7 @@ def test_srgen_high_threshold_equals_plain_and_retries_continue(tokenizer, monke
                        for b in range(2))
 
 
-def test_batched_retries_equal_each_sample_alone(tokenizer):
+def test_batched_retries_equal_each_sample_alone(tokenizer, monkeypatch):
     # padding a sample next to others (first pass and retry rounds) changes none of its tokens or stops
     texts = ["Count: 1 2 3 4", "Hi", "What is 12+7?"]
     config = dict(prompt_only=True, times=2, mode="srgen", entropy_control=True, max_retries=3)
@@ -232,9 +241,20 @@ def test_batched_retries_equal_each_sample_alone(tokenizer):
     k = len(seen) // 2  # between two observed values: float noise of padding cannot flip a stop
     model = enable_tnot_model(_tiny(tokenizer), TNOTConfig(**config, entropy_threshold=(seen[k] + seen[k + 1]) / 2))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    passes = []
+    original_pass = tnot._generate_pass
+
+    def counting_pass(model, input_ids, attention_mask, rows, kwargs, stage="first", **rest):
+        passes.append((stage, list(rows), [len(rows) and int(m.sum()) for m in attention_mask]))
+        return original_pass(model, input_ids, attention_mask, rows, kwargs, stage=stage, **rest)
+
+    monkeypatch.setattr(tnot, "_generate_pass", counting_pass)
     together = _greedy(model, ids, mask)
+    monkeypatch.setattr(tnot, "_generate_pass", original_pass)
     joint = (list(model.retries), list(model.stop_positions))
-    assert sum(joint[0]) >= 2
+    # a retry round held several samples whose rows (prompt + kept tokens) have different lengths
+    assert any(stage == "reflect" and len(rows) >= 2 and len(set(lengths)) >= 2 for stage, rows, lengths in passes)
+    assert len({p[0] for p in joint[1] if p}) >= 2  # they stopped at different positions
     for b, text in enumerate(texts):
         one_ids, one_mask = _prompt(tokenizer, [text])
         alone = _greedy(model, one_ids, one_mask)
@@ -260,7 +280,11 @@ def test_every_family_generates(family, tiny_model_dirs, tokenizer):
         assert all(p.grad is None for p in model.parameters())
         assert isinstance(model._safe_decode_sequence(out[0]), str)
         if mode == "srgen":  # tiny random models sit near log(vocab) > 3.0: every sample stops and retries
-            assert model.retries == [2, 2] and model.high_entropy_position == [0, 0]
+            assert model.retries == [2, 2] and model.stop_positions == [[0, 1, 2]] * 2
+            # the retries' stacked KV caches give what full re-prefills of the same rows give
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(tnot, "_stack_rows", lambda items: None)
+                assert torch.equal(_greedy(model, ids, mask, n=5), out)
         model.reset_model_parameters()
         assert model.delta is None and model.entropy_history == [[]]
 
@@ -337,11 +361,16 @@ def test_slot_records_entropy_with_and_without_delta(tokenizer, tmp_path):
         assert r["entropy_original"] == pytest.approx(float(plain[r["sample"], r["step"]]), abs=1e-4)
         assert r["token_id"] == out[r["sample"], ids.shape[1] + r["step"]].item()
     assert any(abs(r["entropy"] - r["entropy_original"]) > 1e-3 for r in records)
-    responses = [json.loads(line) for line in responses_file.read_text().splitlines()]
+    responses = json.loads(responses_file.read_text())
     assert [r["sample"] for r in responses] == [0, 1]
     for b, r in enumerate(responses):
         assert r["token_ids"] == out[b, ids.shape[1]:].tolist() and len(r["entropy"]) == len(r["threshold"]) == 4
         assert r["response"] == tokenizer.decode(r["token_ids"]) and r["retries"] == 0
+    _greedy(model, ids, mask, n=2)  # a second generate appends to the same array
+    assert [r["sample"] for r in json.loads(responses_file.read_text())] == [0, 1, 0, 1]
+    responses_file.write_text("{}")
+    with pytest.raises(ValueError, match="responses.json: holds a JSON dict"):
+        _greedy(model, ids, mask, n=2)
 
 
 def test_special_tokens_can_be_masked_from_the_prompt_ce(tokenizer):
@@ -378,6 +407,22 @@ def test_static_cache_matches_dynamic(tokenizer):
                              cache_implementation=cache)
         results.append((out, list(model.retries)))
     assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1] == [2, 2]
+
+
+def test_generate_arguments_as_hf_resolves_them(tokenizer):
+    ids, mask = _prompt(tokenizer, ["What is 2+3? Answer:", "Hi"])
+    model = enable_tnot_model(_tiny(tokenizer), TNOTConfig(prompt_only=True, times=1, mode="srgen",
+                                                           entropy_control=True, max_retries=2))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0)
+    reference = model.generate(**kw, max_new_tokens=6)
+    assert model.retries == [2, 2]
+    # max_length instead of max_new_tokens: the retries get the same budget
+    assert torch.equal(model.generate(**kw, max_length=ids.shape[1] + 6), reference)
+    # an explicit dynamic cache is not passed twice to the retries (they bring their own)
+    assert torch.equal(model.generate(**kw, max_new_tokens=6, cache_implementation="dynamic"), reference)
+    with pytest.raises(ValueError, match="num_return_sequences=1 only"):
+        model.generate(**kw, max_new_tokens=6, num_return_sequences=2)
 
 
 def test_entropy_of_uniform():

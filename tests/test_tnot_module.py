@@ -74,8 +74,11 @@ def test_traces_follow_the_samples(tiny_model_dir, batch):
         if t["setting"] == "plain":
             assert t["retries"] == 0 and not t["stop_positions"] and set(t["threshold"]) == {None}
         else:  # a random model's entropy (~log vocab) is above the static 3.0: every sample stops and retries
-            assert t["retries"] == 2 and len(t["stop_positions"]) == len(t["stop_entropies"]) == 3
-            assert all(v == 3.0 for v in t["threshold"]) and all(e > 3.0 for e in t["stop_entropies"])
+            assert t["retries"] == 2 and t["stop_positions"] == [0, 1, 2] and len(t["stop_entropies"]) == 3
+            assert all(e > 3.0 for e in t["stop_entropies"])
+            # judged tokens against 3.0; the reflected ones and those of the last pass are not judged
+            assert t["threshold"][:3] == [None, None, None] and set(t["threshold"][3:]) == {None}
+            assert len(t["entropy"]) == 6  # the last pass finished the answer
 
 
 def test_fit_is_refused_with_a_clear_message(tiny_model_dir):
@@ -116,5 +119,5 @@ def test_cli_predict_writes_completions_with_retries(run_cli, tmp_path):
     path = tmp_path / "runs/tnot-tiny/lightning_logs/version_0/predictions.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1, 2]
-    assert all(isinstance(r["completion"], str) and r["answer"] for r in rows)
+    assert all(isinstance(r["completion"], str) and r["completion"] and r["answer"] for r in rows)
     assert all(r["retries"] == 2 and len(r["stop_positions"]) == 3 for r in rows)  # tiny.yaml: max_retries 2

@@ -120,11 +120,12 @@ class TNOTConfig:
 
 
 def adaptive_threshold(history, n: int, k: float, static: float) -> float:
-    """`max(mean(last n) + k * max(std(last n), 0.5), 1.8)` once more than n values exist, else `static`.
+    """`max(mean(last n) + k * max(std(last n), 0.5), 1.8)` once the history holds n values, else `static`.
 
-    std is the sample (unbiased) std, as `torch.std` in the original.
+    `history`: the sample's earlier entropies (not the one being judged). As the original
+    (`len(history) + 1 > n`), with the sample (unbiased) std of `torch.std`.
     """
-    if len(history) <= n:
+    if len(history) < n:
         return static
     window = torch.tensor(history[-n:], dtype=torch.float64)
     return max(float(window.mean()) + k * max(float(window.std()), 0.5), 1.8)
@@ -183,7 +184,9 @@ class _State:
         self.pending_prefill = False   # next body forward is a prefill to optimize on
         self.prefill_ids = None
         self.prefill_mask = None
-        self.reflect = False           # srgen retry: fit delta_high and apply it once
+        self.stage = "first"           # "first" pass, "reflect" (srgen retry: fit delta_high, apply it once),
+                                       # "final" (after the last retry: no fitting, no stops)
+        self.unwatched = False         # the next lm_head call is not watched (the reflected token)
         self.apply_delta = None        # [B,1,H] float32 added by the lm_head pre-hook
         self.apply_once = False        # drop apply_delta after one lm_head call
         self.in_generate = False
@@ -297,16 +300,16 @@ def _body_hook(model):
             return None
         st.pending_prefill = False
         cfg = model.tnot_config
-        if not cfg.prompt_only:
+        if not cfg.prompt_only or st.stage == "final":
             return None
         hidden = output[0]
         if st.context_hidden is not None:  # the cached prefix was not recomputed: its states were kept
             hidden = torch.cat([st.context_hidden.to(hidden.dtype), hidden], dim=1)
-        delta = optimize_delta(model, hidden, st.prefill_ids, st.prefill_mask, st.reflect)
+        delta = optimize_delta(model, hidden, st.prefill_ids, st.prefill_mask, st.stage == "reflect")
         if cfg.mode == "slot":
             model.delta = delta
             st.apply_delta, st.apply_once = delta, False
-        elif st.reflect:  # delta_high: only the token right after the high-entropy point
+        elif st.stage == "reflect":  # delta_high: only the token right after the high-entropy point
             if model.delta is not None and model.delta.shape[0] > max(st.rows):
                 model.delta = model.delta.clone()  # keep one row per sample of the whole batch
                 model.delta[st.rows] = delta
@@ -355,6 +358,10 @@ def _head_hook(model):
             finally:
                 st.busy, st.unshifted = False, None
         eos = _eos_id(model) if cfg.entropy_control else None
+        # the token a retry reflects on (delta_high) and everything after the last retry are not
+        # watched: as in the original, where entropy control runs in the generation stage only
+        watch = cfg.entropy_control and st.stage != "final" and not st.unwatched
+        st.unwatched = False
         forced = []
         for i in range(logits.shape[0]):
             row = st.rows[i]
@@ -362,14 +369,15 @@ def _head_hook(model):
                 continue
             hist = model.entropy_history[row]
             thr = None
-            if cfg.entropy_control:
+            if watch:
                 thr = cfg.entropy_threshold
                 if cfg.adaptive_entropy:
                     thr = adaptive_threshold(hist, cfg.adaptive_entropy_N, cfg.adaptive_entropy_K,
                                              cfg.entropy_threshold)
                 model.sample_thresholds[row] = thr
             e = float(ent[i])
-            hist.append(e)
+            if watch:
+                hist.append(e)
             stop = thr is not None and e > thr
             if cfg.record_entropy:
                 model.entropy_records.append({
@@ -421,19 +429,19 @@ def _eos_ids(model) -> set:
     return set(_config_ids(model, "eos_token_id"))
 
 
-def _generate_pass(model, input_ids, attention_mask, rows, reflect, kwargs, past=None, context_hidden=None,
+def _generate_pass(model, input_ids, attention_mask, rows, kwargs, stage="first", past=None, context_hidden=None,
                    keep_hidden=False, retry=0, limits=None):
-    """One call of the original generate with the hooks armed.
+    """One call of the original generate with the hooks armed (`stage`: see `_State.stage`).
 
-    Returns (new tokens [B, n], which rows got a forced EOS, the KV cache, the final hidden
-    states of every position in that cache [B, T, H] or None). With `past` (a cache of all but
-    the last token of `input_ids`) and `context_hidden` (its final hidden states), only the last
-    token goes through the body.
+    Returns (new tokens [B, n], the KV cache, the final hidden states of every position in that
+    cache [B, T, H] or None). With `past` (a cache of all but the last token of `input_ids`)
+    and `context_hidden` (its final hidden states), only the last token goes through the body.
     """
     st = model._tnot
     st.pending_prefill = True
     st.prefill_ids, st.prefill_mask = input_ids, attention_mask
-    st.reflect = reflect
+    st.stage = stage
+    st.unwatched = stage == "reflect"
     st.retry = retry
     st.apply_delta = None
     st.rows = rows
@@ -448,6 +456,7 @@ def _generate_pass(model, input_ids, attention_mask, rows, reflect, kwargs, past
     extra = {"return_dict_in_generate": True}
     if past is not None:
         extra["past_key_values"] = past
+        kwargs = {k: v for k, v in kwargs.items() if k != "cache_implementation"}  # the cache is given
     try:
         out = model._tnot_original_generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs, **extra)
     finally:
@@ -462,7 +471,7 @@ def _generate_pass(model, input_ids, attention_mask, rows, reflect, kwargs, past
     st.hidden_log = None
     seqs = out.sequences if hasattr(out, "sequences") else out
     cache = getattr(out, "past_key_values", None)
-    return seqs[:, input_ids.shape[1]:], list(st.stopped), cache, hidden
+    return seqs[:, input_ids.shape[1]:], cache, hidden
 
 
 def _stack_rows(items):
@@ -476,8 +485,9 @@ def _stack_rows(items):
     from transformers.cache_utils import DynamicLayer
 
     for cache, _, _ in items:
-        layers = getattr(cache, "layers", None)
-        if not layers or not all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
+        if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
+            return None
+        if not all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers):
             return None
     longest = max(n for _, _, n in items)
     out = DynamicCache()
@@ -486,6 +496,16 @@ def _stack_rows(items):
         values = torch.cat([F.pad(c.layers[i].values[r:r + 1, :, :n], (0, 0, longest - n, 0)) for c, r, n in items])
         out.update(keys, values, i)
     return out
+
+
+def _max_new_tokens(kwargs: dict, gen_cfg, width: int) -> int:
+    """The new-token budget as generate resolves it: max_new_tokens, else max_length - prompt width."""
+    for source in (kwargs, vars(gen_cfg)):
+        if source.get("max_new_tokens") is not None:
+            return int(source["max_new_tokens"])
+        if source.get("max_length") is not None:
+            return int(source["max_length"]) - width
+    return 20
 
 
 def _first_eos_cut(row: torch.Tensor, eos_ids: set) -> torch.Tensor:
@@ -507,6 +527,11 @@ def _tnot_generate(model):
         if "past_key_values" in kwargs:
             raise ValueError("TNOT generate starts from a prompt; past_key_values is not supported")
         gen_cfg = kwargs.get("generation_config", model.generation_config)
+        for name in ("num_return_sequences", "num_beams"):
+            value = kwargs.get(name, getattr(gen_cfg, name, 1)) or 1
+            if value > 1:
+                raise ValueError(f"TNOT generate supports {name}=1 only, got {value}: repeat the prompts instead "
+                                 "(input_ids.repeat_interleave(n, dim=0)), each row gets its own delta")
         do_sample = kwargs.get("do_sample", gen_cfg.do_sample)
         temperature = kwargs.get("temperature", gen_cfg.temperature) if do_sample else 1.0
         batch, width = input_ids.shape
@@ -519,33 +544,38 @@ def _tnot_generate(model):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         srgen = cfg.mode == "srgen" and cfg.entropy_control and cfg.max_retries > 0
+        reuse = kwargs.get("use_cache", True) is not False  # without a cache there is nothing to reuse
 
-        new, _, cache, hidden = _generate_pass(model, input_ids, attention_mask, list(range(batch)), False, kwargs,
-                                               keep_hidden=srgen)
-        if not srgen:
-            model.retries = [0] * batch
+        new, cache, hidden = _generate_pass(model, input_ids, attention_mask, list(range(batch)), kwargs,
+                                            keep_hidden=srgen and reuse)
+        if not srgen:  # (max_retries 0: a forced EOS ends its sample, entropy control as early stopping)
             _write_records(model, [new[b] for b in range(batch)])
             return torch.cat([input_ids, new], dim=1)
 
         eos = _eos_id(model)
         eos_ids = _eos_ids(model) | {eos}
         pad = _pad_id(model, eos)
-        max_new = kwargs.get("max_new_tokens", gen_cfg.max_new_tokens) or 20
+        max_new = _max_new_tokens(kwargs, gen_cfg, width)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("max_length", "max_new_tokens")}
         # per sample: kept new tokens (cut after the first EOS), and where its cache lives: the pass
         # that made it, its row there, that row's input (with its padding) and how many of the
         # sample's kept tokens came before that pass
         generated = [_first_eos_cut(new[b], eos_ids) for b in range(batch)]
         source = [(cache, hidden, b, input_ids[b], attention_mask[b], 0) for b in range(batch)]
+        del new, cache, hidden
         retries = [0] * batch
-        for round_ in range(1, cfg.max_retries + 1):
+        for round_ in range(1, cfg.max_retries + 2):
             # every sample stopped by entropy retries, all of them in one batch per round
-            todo = [b for b in range(batch) if retries[b] < cfg.max_retries and model.high_entropy_samples[b]
-                    and model._stopped_by_entropy(b, generated[b]) and len(generated[b]) - 1 < max_new]
+            todo = [b for b in range(batch) if model.high_entropy_samples[b] and model._stopped_by_entropy(b, generated[b])]
+            for b in set(range(batch)) - set(todo):
+                source[b] = None  # finished: its caches can go
             if not todo:
                 break
-            rows, kept = [], {}  # all samples of a round are on their round_-th retry
+            # retries used up: one last pass finishes these samples without fitting or stops, as published
+            final = round_ > cfg.max_retries
+            rows, kept = [], {}
             for b in todo:
-                retries[b] += 1
+                retries[b] += 0 if final else 1
                 kept[b] = generated[b][:-1]  # drop the forced EOS
                 model._generated_so_far[b] = len(kept[b])
                 model.high_entropy_samples[b] = False
@@ -564,14 +594,15 @@ def _tnot_generate(model):
                 context = torch.stack([F.pad(source[b][1][r, :n], (0, 0, width_r - 1 - n, 0))
                                        for b, (_, r, n) in zip(todo, items)])
             budget = {b: max_new - len(kept[b]) for b in todo}
-            more, _, cache_r, hidden_r = _generate_pass(
-                model, ids, mask, todo, True, {**kwargs, "max_new_tokens": max(budget.values())},
-                past=past, context_hidden=context, keep_hidden=True, retry=round_,
-                limits=[max_new] * len(todo))
+            more, cache_r, hidden_r = _generate_pass(
+                model, ids, mask, todo, {**kwargs, "max_new_tokens": max(budget.values())},
+                stage="final" if final else "reflect", past=past, context_hidden=context,
+                keep_hidden=reuse and not final, retry=round_, limits=[max_new] * len(todo))
             for i, b in enumerate(todo):
                 generated[b] = torch.cat([kept[b], _first_eos_cut(more[i, :budget[b]], eos_ids)])
                 source[b] = (cache_r, hidden_r, i, ids[i], mask[i], len(kept[b]))
         model.retries = retries
+        model.high_entropy_samples = [bool(p) for p in model.stop_positions]
         model.high_entropy_detected = any(model.high_entropy_samples)
         _write_records(model, generated)
         out = torch.full((batch, width + max(len(g) for g in generated)), pad, dtype=torch.long,
@@ -630,8 +661,8 @@ def _write_records(model, generated):
     entropy_original (same position without the delta; equal where none was applied),
     delta_applied, threshold (None without entropy control), stopped (a forced EOS was given
     there), token_id and token (the EOS where stopped, else the token kept at that step).
-    `response_entropy_file`: one JSON line per response: its token ids and text, then its
-    `sample_traces` entry. Tokens are decoded with the tokenizer given to `enable_tnot_model`
+    `response_entropy_file`: a JSON array with one object per response (appended to across
+    calls): its token ids and text, mean entropy, then its `sample_traces` entry. Tokens are decoded with the tokenizer given to `enable_tnot_model`
     (loaded once).
     """
     cfg = model.tnot_config
@@ -643,12 +674,23 @@ def _write_records(model, generated):
             for rec in model.entropy_records:
                 f.write(json.dumps(rec) + "\n")
     if cfg.response_entropy_file:
-        with open(cfg.response_entropy_file, "a") as f:
-            for trace, tokens in zip(sample_traces(model), generated):
-                entropies = trace["entropy"]
-                f.write(json.dumps({"token_ids": [int(t) for t in tokens], "response": model._safe_decode_sequence(tokens),
-                                    "mean_entropy": sum(entropies) / len(entropies) if entropies else None,
-                                    **trace}) + "\n")
+        responses = []
+        if os.path.exists(cfg.response_entropy_file) and os.path.getsize(cfg.response_entropy_file):
+            with open(cfg.response_entropy_file) as f:
+                try:
+                    responses = json.load(f)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"response_entropy_file {cfg.response_entropy_file}: not a JSON array ({err}); "
+                                     "move it away or name another file") from err
+            if not isinstance(responses, list):
+                raise ValueError(f"response_entropy_file {cfg.response_entropy_file}: holds a JSON "
+                                 f"{type(responses).__name__}, not the array of responses it appends to")
+        for trace, tokens in zip(sample_traces(model), generated):
+            entropies = trace["entropy"]
+            responses.append({"token_ids": [int(t) for t in tokens], "response": model._safe_decode_sequence(tokens),
+                              "mean_entropy": sum(entropies) / len(entropies) if entropies else None, **trace})
+        with open(cfg.response_entropy_file, "w") as f:
+            json.dump(responses, f)
 
 
 # ---- methods attached to the model (the seed's interface) ----
@@ -688,7 +730,14 @@ def _safe_decode_token(self, token_id) -> str:
 
 
 def _safe_decode_sequence(self, token_ids) -> str:
-    return "".join(self._safe_decode_token(t) for t in (token_ids.tolist() if torch.is_tensor(token_ids) else token_ids))
+    ids = [int(t) for t in (token_ids.tolist() if torch.is_tensor(token_ids) else token_ids)]
+    tok = getattr(self, "tokenizer", None)
+    if tok is not None:
+        try:  # whole-sequence decoding keeps SentencePiece spaces and multi-byte characters
+            return tok.decode(ids, skip_special_tokens=False)
+        except Exception:  # an id outside the tokenizer's vocabulary: token by token
+            pass
+    return "".join(self._safe_decode_token(t) for t in ids)
 
 
 def enable_tnot_model(model: nn.Module, config: TNOTConfig | None = None, tokenizer=None) -> nn.Module:
