@@ -199,9 +199,15 @@ class TNOTModule(TesttimeModule):
         return [{"completion": c[0], "answer": a, "retries": r, "stop_positions": list(p)}
                 for c, a, r, p in zip(completions, answers, self.model.retries, self.model.stop_positions)]
 
+    # `fit` is refused with a message saying why, instead of Lightning's "no training_step()"
+    _NO_FIT = ("TNOTModule has nothing to train: the delta is fitted per prompt inside generate. "
+               "Use `validate`, `test` or `predict`.")
+
+    def training_step(self, batch, batch_idx):
+        raise RuntimeError(self._NO_FIT)
+
     def configure_optimizers(self):
-        raise RuntimeError("TNOTModule has nothing to train: the delta is fitted per prompt inside generate. "
-                           "Use `validate`, `test` or `predict`.")
+        raise RuntimeError(self._NO_FIT)
 
 
 def plot_sweep(results: dict[str, float], sweep: list[tuple[str, int, float]], n: int, path: str) -> bool:
