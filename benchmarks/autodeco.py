@@ -53,24 +53,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
 import testtime.autodeco as ad  # noqa: E402
-
-CONFIGS = {
-    # HuggingFaceTB/SmolLM2-135M
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
-                         max_position_embeddings=8192, rms_norm_eps=1e-5),
-    # TinyLlama/TinyLlama-1.1B (Llama 2 architecture, GQA 32/4)
-    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                           num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, rope_theta=10000.0,
-                           max_position_embeddings=2048, rms_norm_eps=1e-5),
-    # CPU smoke test
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, rope_theta=10000.0,
-                 max_position_embeddings=1024, rms_norm_eps=1e-5),
-}
+from benchmarks.common import LLAMA_CONFIGS as CONFIGS  # noqa: E402
+from benchmarks.common import log, paired_ratio, random_llama, sync, timed  # noqa: E402
 
 PLAIN = {
     "sample": dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0),
@@ -78,22 +63,8 @@ PLAIN = {
 }
 
 
-def log(*args):
-    print(*args, flush=True)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def build(name: str, device, dtype):
-    cfg = LlamaConfig(**CONFIGS[name], bos_token_id=0, eos_token_id=None, pad_token_id=0)
-    torch.manual_seed(0)
-    with torch.device(device):
-        llm = LlamaForCausalLM(cfg).to(dtype).eval()
-    llm.generation_config.eos_token_id = None  # no EOS: every run makes exactly max_new_tokens tokens
-    llm.generation_config.pad_token_id = 0
+    llm = random_llama(name, device, dtype)  # no EOS: every run makes exactly max_new_tokens tokens
     model = ad.AutoDecoModel(llm)  # both heads, enhanced features; float32 heads
     model.to(device)
     with torch.no_grad():  # heads that predict varied T and P (the default init gives T ~ 1, P ~ 0.5)
@@ -120,18 +91,6 @@ def decode_fns(llm, model, ids, mask, new_tokens, cache):
 
     return {"sample": plain(PLAIN["sample"]), "sample_top_p": plain(PLAIN["sample_top_p"]),
             "autodeco": autodeco(), "autodeco_hooks": autodeco(heads_in_forward=False)}
-
-
-def paired_ratio(a, b):
-    return statistics.median(x / y for x, y in zip(a, b))
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
 
 
 def consistency(model, gen, prompt_len):

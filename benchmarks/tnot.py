@@ -82,47 +82,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
+from benchmarks.common import LLAMA_CONFIGS, log, paired_ratio, random_llama, timed  # noqa: E402
 from testtime.tnot import TNOTConfig, enable_tnot_model  # noqa: E402
 
-CONFIGS = {
-    # HuggingFaceTB/SmolLM2-135M (max positions raised: RoPE has no learned positions, prompts go to 16K)
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
-                         max_position_embeddings=32768, rms_norm_eps=1e-5),
-    # meta-llama/Llama-3.2-1B (GQA 32/8, tied embeddings; llama3 rope scaling left out)
-    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
-                        max_position_embeddings=131072, rms_norm_eps=1e-5),
-    # CPU smoke test
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, rope_theta=10000.0,
-                 max_position_embeddings=4096, rms_norm_eps=1e-5),
-}
+# max positions raised where prompts go to 16K (RoPE has no learned positions)
+CONFIGS = {name: LLAMA_CONFIGS[name] for name in ("smollm2-135m", "llama3.2-1b", "tiny")}
+MAX_POSITIONS = {"smollm2-135m": 32768, "tiny": 4096}
 
 START = time.perf_counter()
-
-
-def log(*args):
-    print(*args, flush=True)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
-
-
-def paired_ratio(a, b):
-    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def out_of_time(args) -> bool:
@@ -130,12 +97,8 @@ def out_of_time(args) -> bool:
 
 
 def build(name: str, device, dtype):
-    cfg = LlamaConfig(**CONFIGS[name], bos_token_id=0, eos_token_id=None, pad_token_id=0, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
-    model.generation_config.eos_token_id = None  # no EOS: every run makes exactly max_new_tokens tokens
-    model.generation_config.pad_token_id = 0
+    extra = {"max_position_embeddings": MAX_POSITIONS[name]} if name in MAX_POSITIONS else {}
+    model = random_llama(name, device, dtype, attn_implementation="sdpa", **extra)  # no EOS: exact token counts
     return enable_tnot_model(model, TNOTConfig(prompt_only=True, times=1, lr=0.1, mode="slot", entropy_control=False))
 
 
