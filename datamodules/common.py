@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence
 
+import lightning.pytorch as pl
 import torch
 from trl.data_utils import apply_chat_template, is_conversational
 
 from testtime.lm import IGNORE_INDEX, encode_prompt, pad  # noqa: F401  (re-exported for datamodules)
+from testtime.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +121,18 @@ def tokenize_records(tokenizer, records: list[dict], max_length: int, split: str
         log.warning("truncated %d of %d records in %s to max_length=%d; %d of them lost their whole "
                     "completion and were dropped", truncated, len(records), split, max_length, dropped)
     return examples, stats
+
+
+class TokenizerDataModule(pl.LightningDataModule):
+    """A datamodule that tokenizes with the tokenizer of `hparams.model_name_or_path`, loaded once."""
+
+    _tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.model_name_or_path)
+        return self._tokenizer
+
+    def prepare_data(self) -> None:
+        load_tokenizer(self.hparams.model_name_or_path)  # converts / caches an alias once, on rank 0

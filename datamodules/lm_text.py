@@ -20,13 +20,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from testtime.loading import cache_dir, load_tokenizer
+from datamodules.common import TokenizerDataModule
+from testtime.loading import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class BlockDataset(Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-class LMTextDataModule(pl.LightningDataModule):
+class LMTextDataModule(TokenizerDataModule):
     """Fixed-length language-modelling blocks from text files, a folder, a dataset or the stdlib.
 
     Every document is tokenized without special tokens and followed by EOS; each split's
@@ -173,16 +173,9 @@ class LMTextDataModule(pl.LightningDataModule):
         if max_files is not None and max_files < 1:
             raise ValueError(f"max_files must be positive or None, got {max_files}")
         self.save_hyperparameters()
-        self._tokenizer = None
         self.datasets: dict[str, BlockDataset] = {}
         self.split_documents: dict[str, list[str]] = {}  # split -> document keys (relative paths)
         self.stats: dict[str, dict] = {}
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.model_name_or_path)
-        return self._tokenizer
 
     # -- documents -----------------------------------------------------------------------------
     def _documents(self) -> tuple[list[Document], str, bool]:

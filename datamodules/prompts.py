@@ -22,13 +22,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from datamodules.common import PadCollator, encode_prompt
+from datamodules.common import PadCollator, TokenizerDataModule, encode_prompt
 from datamodules.sft import _read_json, _read_jsonl
 from testtime.evaluation import extract_answer
-from testtime.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +120,7 @@ class PromptCollator:
         return batch
 
 
-class PromptDataModule(pl.LightningDataModule):
+class PromptDataModule(TokenizerDataModule):
     """Prompts (and optional answers) from one local file, for validate, test and predict.
 
     Validate and test score accuracy, so they need an `answer` on every record; predict works
@@ -161,17 +159,7 @@ class PromptDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.model_name_or_path = model_name_or_path
         self.path = path
-        self._tokenizer = None
         self.dataset: list[dict] | None = None
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.model_name_or_path)
-        return self._tokenizer
-
-    def prepare_data(self) -> None:
-        load_tokenizer(self.model_name_or_path)  # converts / caches an alias once, on rank 0
 
     # -- loading -----------------------------------------------------------------------------
     def _chat(self, prompt: str | list[dict], where: str) -> str | list[dict]:

@@ -14,13 +14,11 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.common import IGNORE_INDEX, PadCollator, normalize_record, tokenize_records
-from testtime.loading import load_tokenizer
+from datamodules.common import IGNORE_INDEX, PadCollator, TokenizerDataModule, normalize_record, tokenize_records
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +153,7 @@ def split_off_validation(records: list, fraction: float, seed: int) -> tuple[lis
     return train, val
 
 
-class SFTDataModule(pl.LightningDataModule):
+class SFTDataModule(TokenizerDataModule):
     """Prompt/completion or chat records for supervised fine-tuning with completion-only loss.
 
     Records are `{"prompt", "completion"}` (strings, or message lists) or `{"messages": [...]}`
@@ -216,16 +214,9 @@ class SFTDataModule(pl.LightningDataModule):
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
-        self._tokenizer = None
         self.train_dataset: list[dict] | None = None
         self.val_dataset: list[dict] | None = None
         self.stats: dict[str, dict[str, int]] = {}
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.model_name_or_path)
-        return self._tokenizer
 
     def _load_records(self) -> tuple[list[dict], list[dict]]:
         hp = self.hparams

@@ -14,11 +14,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from datamodules.common import PadCollator, encode_prompt, tokenize_prompt_completion
-from testtime.loading import load_tokenizer
+from datamodules.common import PadCollator, TokenizerDataModule, encode_prompt, tokenize_prompt_completion
 from testtime.tasks import Problem, make_splits, prompt_messages, sft_example
 
 log = logging.getLogger(__name__)
@@ -54,7 +52,7 @@ class GenerationCollator:
         return batch
 
 
-class TaskDataModule(pl.LightningDataModule):
+class TaskDataModule(TokenizerDataModule):
     """Verifiable arithmetic problems for SFT and for accuracy under different decodings.
 
     Args:
@@ -97,17 +95,7 @@ class TaskDataModule(pl.LightningDataModule):
         # Built here (cheap, deterministic) so sizes are checked at config time and modules can read them early.
         self.problems: dict[str, list[Problem]] = make_splits(n_train, n_val, n_test, seed=seed,
                                                               difficulty=difficulty, kinds=kinds)
-        self._tokenizer = None
         self._datasets: dict[str, list[dict]] = {}
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.model_name_or_path)
-        return self._tokenizer
-
-    def prepare_data(self) -> None:
-        load_tokenizer(self.model_name_or_path)  # converts / caches an alias once, on rank 0
 
     def _encode(self, problem: Problem) -> dict[str, Any]:
         example = tokenize_prompt_completion(self.tokenizer, sft_example(problem))
