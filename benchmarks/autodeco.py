@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -55,7 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import testtime.autodeco as ad  # noqa: E402
 from benchmarks.common import LLAMA_CONFIGS as CONFIGS  # noqa: E402
-from benchmarks.common import log, paired_ratio, random_llama, sync, timed  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    compile_counters, default_dtype, dump, environment, log, paired_ratio, raise_recompile_limits, random_llama,
+    sync, timed,
+)
 
 PLAIN = {
     "sample": dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0),
@@ -143,7 +144,7 @@ def bench_decode(name, llm, model, args, device, results):
                 row["autodeco_vs_sample"] = paired_ratio(times["autodeco"], times["sample"])
             log("  " + json.dumps({k: v for k, v in row.items() if not k.endswith("_runs_s")}))
             results["decode"].append(row)
-            dump(results, args)
+            dump(results, args.out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,17 +222,11 @@ def bench_train(name, llm, args, device, results):
             f"({row[f'{variant}_ratio']:.2f}x forward {row['base_forward_ms']:.1f} ms) "
             f"{row[f'{variant}_breakdown_ms']}")
     results["train"].append(row)
-    dump(results, args)
+    dump(results, args.out)
 
 
 # ------------------------------------------------------------------------------------------------
 # output
-
-
-def dump(results, args):
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def markdown(results) -> str:
@@ -326,22 +321,14 @@ def main(argv=None):
         args.models, args.new_tokens, args.prompt_len, args.dynamic_new_tokens = "tiny", 8, 8, 6
         args.train_batch, args.train_len, args.train_iters, args.repeats = 2, 32, 2, 2
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = default_dtype(device, args.dtype)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.paths = args.paths.split(",")
     args.methods = args.methods.split(",")
     # plain and autodeco graphs x batch sizes x models share one compiled __call__: room for all
-    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                 "accumulated_recompile_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
-    import transformers
-
+    raise_recompile_limits()
     results = {
-        "date": time.strftime("%Y-%m-%d"), "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "dtype": str(dtype), "args": {k: v for k, v in vars(args).items()},
+        **environment(args, device, dtype),
         "configs": {m: CONFIGS[m] for m in args.models.split(",")}, "plain_settings": PLAIN,
         "decode": [], "train": [],
     }
@@ -352,10 +339,7 @@ def main(argv=None):
             bench_train(name, llm, args, device, results)
         if not args.skip_decode:
             bench_decode(name, llm, model, args, device, results)
-        from torch._dynamo.utils import counters
-
-        results.setdefault("compile_counters", {})[name] = {k: dict(v) for k, v in counters.items()
-                                                             if k in ("inductor", "stats", "graph_break")}
+        results.setdefault("compile_counters", {})[name] = compile_counters()
         log(f"  counters: {results['compile_counters'][name]}")
         del llm, model
         if device.type == "cuda":
@@ -363,7 +347,7 @@ def main(argv=None):
     table = markdown(results)
     print(table)
     if args.out:
-        dump(results, args)
+        dump(results, args.out)
         Path(args.out).with_suffix(".md").write_text(table + "\n")
         plot(results, Path(args.out).with_suffix(".png"))
 

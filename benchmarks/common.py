@@ -5,8 +5,13 @@ Speed does not depend on the weights, so models are built from configs with rand
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,3 +70,39 @@ def random_llama(name: str, device, dtype, **overrides) -> LlamaForCausalLM:
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+def default_dtype(device, name: str | None):
+    """`torch.<name>`, else bf16 on a GPU and float32 on a CPU."""
+    return getattr(torch, name) if name else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def raise_recompile_limits(limit: int = 256) -> None:
+    """Room for every decode graph x cache shape x model in one process's compiled `__call__`."""
+    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), limit))
+
+
+def environment(args, device, dtype) -> dict:
+    """Date, command, machine, versions and arguments: the head of every results JSON."""
+    import transformers
+
+    return {"date": time.strftime("%Y-%m-%d"), "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "dtype": str(dtype), "args": dict(vars(args))}
+
+
+def compile_counters() -> dict:
+    """torch.compile's counters so far (graphs, graph breaks, inductor)."""
+    from torch._dynamo.utils import counters
+
+    return {k: dict(v) for k, v in counters.items() if k in ("inductor", "stats", "graph_break")}
+
+
+def dump(results: dict, out: str | None) -> None:
+    """Write `results` as JSON to `out` (rewritten after every measurement: a killed run keeps its figures)."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")

@@ -71,8 +71,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -82,7 +80,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import LLAMA_CONFIGS, log, paired_ratio, random_llama, timed  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    LLAMA_CONFIGS, compile_counters, default_dtype, dump, environment, log, paired_ratio, raise_recompile_limits,
+    random_llama, timed,
+)
 from testtime.tnot import TNOTConfig, enable_tnot_model  # noqa: E402
 
 # max positions raised where prompts go to 16K (RoPE has no learned positions)
@@ -166,7 +167,7 @@ def bench_overhead(name, model, args, device, results):
                     except Exception as err:  # e.g. the compiled static path failing with the hooks
                         row["errors"][m] = f"{type(err).__name__}: {err}"[:2000]
                         log(f"  {m} FAILED: {row['errors'][m][:300]}")
-                    dump(results, args)
+                    dump(results, args.out)
                 for m in live:  # same tokens as plain? srgen (delta not applied) must match exactly
                     if m != "plain" and "plain" in outs:
                         row[f"{m}_same_tokens_as_plain"] = float((outs[m] == outs["plain"]).float().mean())
@@ -182,7 +183,7 @@ def bench_overhead(name, model, args, device, results):
                         log(f"  {name} {path} p{prompt_len} b{batch} round {r} {m}: {t:.3f} s "
                             f"({1000 * t / new_tokens:.2f} ms/token)")
                         row[f"{m}_runs_s"] = times[m]
-                        dump(results, args)
+                        dump(results, args.out)
                 # graphs compiled during the timed rounds: > 0 means some method recompiles at every call
                 stats1 = dynamo_stats()
                 row["dynamo_during_timing"] = {k: stats1[k] - stats0[k] for k in stats0}
@@ -196,7 +197,7 @@ def bench_overhead(name, model, args, device, results):
                     if m != "plain" and "plain" in times:
                         row[f"{m}_ratio"] = paired_ratio(times[m][:n], times["plain"][:n])
                 log("  " + json.dumps({k: v for k, v in row.items() if not k.endswith("_runs_s")}))
-                dump(results, args)
+                dump(results, args.out)
 
 
 def bench_prompt_stage(name, model, args, device, results):
@@ -222,7 +223,7 @@ def bench_prompt_stage(name, model, args, device, results):
             row[f"{m}_extra_ms"] = 1000 * statistics.median(a - b for a, b in zip(times[m], times["plain"]))
         log("  prompt stage " + json.dumps(row))
         results["prompt_stage"].append(row)
-        dump(results, args)
+        dump(results, args.out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,17 +259,11 @@ def bench_memory(name, model, args, device, results):
         if cuda:
             torch.cuda.empty_cache()
     results["memory"].append(row)
-    dump(results, args)
+    dump(results, args.out)
 
 
 # ------------------------------------------------------------------------------------------------
 # output
-
-
-def dump(results, args):
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def fmt(value, spec="{:.2f}"):
@@ -371,23 +366,16 @@ def main(argv=None):
         args.models, args.prompt_lens, args.new_tokens, args.repeats = "tiny", "32,64", 8, 2
         args.memory_prompt_len, args.ce_chunk, args.prompt_stage_repeats = 256, 32, 3
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = default_dtype(device, args.dtype)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     args.prompt_lens, args.batch_sizes = ints(args.prompt_lens), ints(args.batch_sizes)
     args.times, args.srgen_times = ints(args.times), ints(args.srgen_times)
     args.paths = args.paths.split(",")
     # plain, slot and srgen decode graphs x cache shapes share one compiled __call__: room for all
-    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                 "accumulated_recompile_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
-    import transformers
-
+    raise_recompile_limits()
     results = {
-        "date": time.strftime("%Y-%m-%d"), "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "dtype": str(dtype), "args": vars(args), "configs": {m: CONFIGS[m] for m in args.models.split(",")},
+        **environment(args, device, dtype),
+        "configs": {m: CONFIGS[m] for m in args.models.split(",")},
         "tnot_settings": dict(prompt_only=True, lr=0.1, entropy_control=False),
         "overhead": [], "prompt_stage": [], "memory": [],
     }
@@ -400,10 +388,7 @@ def main(argv=None):
             bench_overhead(name, model, args, device, results)
         if not args.skip_memory:
             bench_memory(name, model, args, device, results)
-        from torch._dynamo.utils import counters
-
-        results.setdefault("compile_counters", {})[name] = {k: dict(v) for k, v in counters.items()
-                                                             if k in ("inductor", "stats", "graph_break")}
+        results.setdefault("compile_counters", {})[name] = compile_counters()
         log(f"  counters: {results['compile_counters'][name]}")
         del model
         if device.type == "cuda":
@@ -412,7 +397,7 @@ def main(argv=None):
     table = markdown(results, methods)
     print(table)
     if args.out:
-        dump(results, args)
+        dump(results, args.out)
         Path(args.out).with_suffix(".md").write_text(table + "\n")
         plot(results, Path(args.out).with_suffix(".png"))
 
