@@ -1,13 +1,21 @@
 """The one command line of testtime: `python cli.py fit|validate|test|predict|export --config ...`.
 
-LightningCLI in subclass mode over every LightningModule and LightningDataModule of the project.
-`model.init_args.model_name_or_path` is written once and linked into the datamodule (which
-needs the same tokenizer). `export` turns a Lightning checkpoint into the method's serving format.
+LightningCLI in subclass mode over every LightningModule and LightningDataModule of the project
+(configs may name them by their short class names). `model.init_args.model_name_or_path` is
+written once and linked into the datamodule (which needs the same tokenizer). `export` turns a
+Lightning checkpoint into the method's serving format.
+
+Errors in what the user asked for (a missing model or checkpoint, a bad data file, `fit` on an
+evaluation-only method) end with their message and exit status 1, as config errors do; set
+`TESTTIME_TRACEBACK=1` to see the traceback as well.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import warnings
 
 import lightning as L
 import torch
@@ -18,6 +26,14 @@ from lightning.pytorch.utilities import rank_zero_info
 import callbacks  # noqa: F401
 import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
+from testtime.errors import UserError
+
+DESCRIPTION = ("testtime: train and evaluate test-time adaptation and learned decoding of Hugging Face language "
+               "models (AutoDeco, TNOT/SLOT, TTT-E2E, TinyLoRA, masked-diffusion sampling, head gating). "
+               "Run a recipe with `fit --config configs/<method>/<recipe>.yaml`; `<subcommand> --help` lists "
+               "every setting.")
+
+TRACEBACK_VARIABLE = "TESTTIME_TRACEBACK"
 
 
 class Trainer(L.Trainer):
@@ -34,11 +50,11 @@ class Trainer(L.Trainer):
                 folder serves on its own.
         """
         if not hasattr(model, "export"):
-            raise SystemExit(f"{type(model).__name__} does not define export(output_dir)")
+            raise UserError(f"{type(model).__name__} does not define export(output_dir)")
+        if ckpt_path and not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"export: checkpoint {ckpt_path!r} does not exist")
         model.configure_model()
         if ckpt_path:
-            if not os.path.isfile(ckpt_path):
-                raise SystemExit(f"export: checkpoint {ckpt_path!r} does not exist")
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
             model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading)
         if self.is_global_zero:
@@ -61,16 +77,40 @@ class TesttimeCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
+class _DropTips(logging.Filter):
+    """Lightning's advertisements ("💡 Tip: ... try installing litlogger"), not information about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_by_design() -> None:
+    """Silence what every run would print although nothing is wrong; real warnings stay visible."""
+    # Frozen base models (AutoDeco, TinyLoRA, head gates) are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecated; nothing a user can change.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+
+
 def main(args: list[str] | None = None) -> None:
-    TesttimeCLI(
-        L.LightningModule,
-        None,  # any LightningDataModule, and optional (export needs none)
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        trainer_class=Trainer,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    quiet_by_design()
+    try:
+        TesttimeCLI(
+            L.LightningModule,
+            None,  # any LightningDataModule, and optional (export needs none)
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_class=Trainer,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": DESCRIPTION},
+            args=args,
+        )
+    except (UserError, FileNotFoundError) as err:
+        if os.environ.get(TRACEBACK_VARIABLE, "0").lower() in ("1", "true", "yes"):
+            raise
+        print(f"error: {err}\n(set {TRACEBACK_VARIABLE}=1 to see where it was raised)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Callbacks: diagnostics, token filtering and export hooks shared by the methods.
+"""Callbacks: diagnostics, token filtering, export hooks and prediction files shared by the methods.
 
 Importing the package registers the classes, so configs may name them by their short names
 (`class_path: GoldilocksFilter`) as well as by their full paths.
@@ -7,12 +7,13 @@ Importing the package registers the classes, so configs may name them by their s
   selects the tokens a temperature head trains on (`testtime.autodeco.goldilocks_mask`).
 - `EntropyDiagnostics` (`callbacks.entropy_diagnostics`): sets `pl_module.collect_diagnostics`
   and turns the per-token tensors `training_step` returns, and the generation traces
-  `validation_step`/`test_step` return (TNOT), into JSON lines and plots.
+  `validation_step`/`test_step` return, into JSON lines; the module summarizes and draws its
+  own figures (`diagnostics_summary`, `diagnostics_figures`).
 - `ExportOnFitEnd` (`callbacks.export`): writes the method's serving checkpoint when `fit` ends.
 - `PredictionWriter` (`callbacks.predictions`): writes what `predict` returns to `predictions.jsonl`.
 
 Callbacks import `testtime/` only, never `lightning_modules/` or `cli.py`; they talk to a module
-through the attributes above (`token_filter`, `collect_diagnostics`, `export`).
+through the attributes and methods above (`token_filter`, `collect_diagnostics`, `export`, ...).
 """
 
 from callbacks.entropy_diagnostics import EntropyDiagnostics

@@ -46,7 +46,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from testtime.autodeco import IGNORE_INDEX, goldilocks_mask
+from testtime.autodeco import goldilocks_mask
+from testtime.lm import IGNORE_INDEX
 
 # What goldilocks_mask / min_p_hinge_loss use when neither the callback nor the module says.
 _DEFAULT_TEMP_CAP = 2.0

@@ -1,19 +1,69 @@
-"""Pieces every datamodule shares: record checks, prompt/completion tokenization, padding."""
+"""Pieces every datamodule shares: reading JSON files, record checks, prompt/completion
+tokenization with counted truncation, padding, and the lazily loaded tokenizer."""
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import lightning.pytorch as pl
-import torch
 from trl.data_utils import apply_chat_template, is_conversational
 
-from testtime.lm import IGNORE_INDEX, encode_prompt, pad  # noqa: F401  (re-exported for datamodules)
+from testtime.errors import DataError
+from testtime.lm import IGNORE_INDEX, pad
 from testtime.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 
+
+# -- reading JSON files --------------------------------------------------------------------------
+
+def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: line {lineno} is not valid UTF-8 (byte {err.start} of the line: "
+                         f"{raw[err.start:err.start + 4]!r})") from None
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, lineno).strip()
+            if not line:
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+
+
+def read_json_array(path: Path) -> list[Any]:
+    """A JSON array of records; a .json file that is really JSON Lines is accepted too."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}: line {lineno} is not valid UTF-8 (byte offset {err.start})") from None
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # several top-level values: JSON Lines under a .json name
+            return [obj for _, obj in read_jsonl(path)]
+        raise DataError(f"{path}: line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+    if isinstance(parsed, dict):  # a single record
+        parsed = [parsed]
+    if not isinstance(parsed, list):
+        raise DataError(f"{path}: expected a JSON array of records, got {type(parsed).__name__}")
+    return parsed
+
+
+
+# -- records ---------------------------------------------------------------------------------------
 
 def normalize_record(record: dict, source: str, index: int) -> dict:
     """A record as `{"prompt", "completion"}` (strings, or message lists for chat data).
@@ -24,28 +74,28 @@ def normalize_record(record: dict, source: str, index: int) -> dict:
     """
     where = f"{source}: record {index}"
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+        raise DataError(f"{where}: expected an object, got {type(record).__name__}")
     if "messages" in record and record["messages"] is not None:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
-            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
         for turn, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise ValueError(f"{where}: messages[{turn}] needs 'role' and 'content' keys, got {message!r}")
+                raise DataError(f"{where}: messages[{turn}] needs 'role' and 'content' keys, got {message!r}")
         if messages[-1]["role"] != "assistant":
-            raise ValueError(f"{where}: the last message must be the assistant's answer, got role "
+            raise DataError(f"{where}: the last message must be the assistant's answer, got role "
                              f"{messages[-1]['role']!r}")
         prompt, completion = messages[:-1], messages[-1:]
         if not prompt:
-            raise ValueError(f"{where}: 'messages' holds only the assistant's answer, no prompt")
+            raise DataError(f"{where}: 'messages' holds only the assistant's answer, no prompt")
     elif record.get("prompt") is not None and record.get("completion") is not None:
         prompt, completion = record["prompt"], record["completion"]
     else:
         present = sorted(k for k, v in record.items() if v is not None)
-        raise ValueError(f"{where}: needs 'prompt' and 'completion' keys, or 'messages'; found keys {present}")
+        raise DataError(f"{where}: needs 'prompt' and 'completion' keys, or 'messages'; found keys {present}")
     text = completion[-1]["content"] if isinstance(completion, list) and completion else completion
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{where}: the completion is empty")
+        raise DataError(f"{where}: the completion is empty")
     return {"prompt": prompt, "completion": completion}
 
 
@@ -99,11 +149,13 @@ class PadCollator:
 
 
 def tokenize_records(tokenizer, records: list[dict], max_length: int, split: str,
-                     extra: Callable[[dict], dict] | None = None) -> tuple[list[dict], dict]:
+                     extra: Callable[[dict], dict] | None = None,
+                     drop_unlabelled: bool = True) -> tuple[list[dict], dict]:
     """Tokenize records and cut them to `max_length`, counting what truncation cost.
 
     A record whose completion is cut off entirely has no label left: it is dropped (and counted),
-    since it would only add compute. Truncated and dropped counts are logged, never silent.
+    since it would only add compute; `drop_unlabelled=False` keeps it (an evaluation split, whose
+    prompt is still scored). Truncated and dropped counts are logged, never silent.
     `extra(record)` adds fields to each kept example (e.g. the prompt alone, for generation).
     """
     examples, truncated, dropped = [], 0, 0
@@ -112,7 +164,7 @@ def tokenize_records(tokenizer, records: list[dict], max_length: int, split: str
         if len(example["input_ids"]) > max_length:
             truncated += 1
             example = {key: value[:max_length] for key, value in example.items()}
-            if all(label == IGNORE_INDEX for label in example["labels"]):
+            if drop_unlabelled and all(label == IGNORE_INDEX for label in example["labels"]):
                 dropped += 1
                 continue
         examples.append({**example, **extra(record)} if extra else example)

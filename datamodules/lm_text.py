@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from datamodules.common import TokenizerDataModule
+from testtime.errors import DataError
+from testtime.io import atomic_write
 from testtime.loading import cache_dir
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def read_text(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not valid UTF-8 (byte offset {err.start}: "
+        raise DataError(f"{path} is not valid UTF-8 (byte offset {err.start}: "
                          f"{data[err.start:err.start + 4]!r})") from None
 
 
@@ -166,12 +166,12 @@ class LMTextDataModule(TokenizerDataModule):
     ):
         super().__init__()
         if block_size < 1:
-            raise ValueError(f"block_size must be positive, got {block_size}")
+            raise DataError(f"block_size must be positive, got {block_size}")
         if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-            raise ValueError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be "
+            raise DataError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be "
                              "non-negative and leave room for training data")
         if max_files is not None and max_files < 1:
-            raise ValueError(f"max_files must be positive or None, got {max_files}")
+            raise DataError(f"max_files must be positive or None, got {max_files}")
         self.save_hyperparameters()
         self.datasets: dict[str, BlockDataset] = {}
         self.split_documents: dict[str, list[str]] = {}  # split -> document keys (relative paths)
@@ -191,7 +191,7 @@ class LMTextDataModule(TokenizerDataModule):
         if path.is_dir() and not self._is_saved_dataset(path):
             files = list_files(path, list(hp.patterns))
             if not files:
-                raise ValueError(f"source {hp.source}: no files match {list(hp.patterns)}")
+                raise DataError(f"source {hp.source}: no files match {list(hp.patterns)}")
             return self._file_documents(path, files, hp.source), f"folder:{path.resolve()}", False
         if not path.exists() and (hp.source.startswith((".", "/", "~")) or hp.source.count("/") > 1
                                   or path.suffix in TEXT_SUFFIXES):
@@ -205,7 +205,7 @@ class LMTextDataModule(TokenizerDataModule):
     @staticmethod
     def _file_documents(root: Path, files: list[Path], what: str) -> list[Document]:
         if not files:
-            raise ValueError(f"source {what}: no files found")
+            raise DataError(f"source {what}: no files found")
         docs = []
         for path in files:
             stat = path.stat()
@@ -222,17 +222,17 @@ class LMTextDataModule(TokenizerDataModule):
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
                 if hp.dataset_split not in loaded:
-                    raise ValueError(f"{hp.source}: no split {hp.dataset_split!r}; it has {sorted(loaded)}")
+                    raise DataError(f"{hp.source}: no split {hp.dataset_split!r}; it has {sorted(loaded)}")
                 loaded = loaded[hp.dataset_split]
         else:
             loaded = datasets.load_dataset(hp.source, hp.dataset_config, split=hp.dataset_split)
         if hp.text_column not in loaded.column_names:
-            raise ValueError(f"{hp.source}: no column {hp.text_column!r}; it has {loaded.column_names}")
+            raise DataError(f"{hp.source}: no column {hp.text_column!r}; it has {loaded.column_names}")
         texts = [t for t in loaded[hp.text_column] if t]
         if len(texts) < len(loaded):
             log.warning("%s: skipped %d rows whose %r is empty", hp.source, len(loaded) - len(texts), hp.text_column)
         if not texts:
-            raise ValueError(f"{hp.source}[{hp.dataset_split}] holds no text in column {hp.text_column!r}")
+            raise DataError(f"{hp.source}[{hp.dataset_split}] holds no text in column {hp.text_column!r}")
         # Rows are split (and ordered) by the hash of their text: duplicates land in the same split.
         docs = [Document(key=f"{hashlib.md5(t.encode('utf-8')).hexdigest()}", text=t) for t in texts]
         return docs, f"dataset:{hp.source}:{hp.dataset_config}:{hp.dataset_split}:{loaded._fingerprint}", False
@@ -261,7 +261,7 @@ class LMTextDataModule(TokenizerDataModule):
         """All documents' token ids, each followed by EOS, as one int32 array."""
         eos = self.tokenizer.eos_token_id
         if eos is None:
-            raise ValueError(f"tokenizer of {self.hparams.model_name_or_path} has no EOS token to separate documents")
+            raise DataError(f"tokenizer of {self.hparams.model_name_or_path} has no EOS token to separate documents")
         stdlib = self.hparams.source == STDLIB
         pieces, skipped = [], []
         with tqdm(total=len(docs), desc=f"tokenizing {split}", unit="doc", disable=len(docs) < 100) as bar:
@@ -299,15 +299,7 @@ class LMTextDataModule(TokenizerDataModule):
     @staticmethod
     def _save(path: Path, tokens: np.ndarray) -> None:
         """Write atomically: a crash never leaves a truncated file that a later run would trust."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npy", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, tokens)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: np.save(f, tokens), mode="wb")
 
     def _token_splits(self) -> tuple[dict[str, np.ndarray], dict[str, list[Document]], bool]:
         """(token ids per split, documents per split, whether the ids came from the cache)."""
@@ -357,7 +349,7 @@ class LMTextDataModule(TokenizerDataModule):
                 log.warning("the %s split of %s holds no full block of %d tokens", split, self.hparams.source,
                             block_size)
         if not len(self.datasets["train"]):
-            raise ValueError(f"source {self.hparams.source}: the training split holds fewer than block_size="
+            raise DataError(f"source {self.hparams.source}: the training split holds fewer than block_size="
                              f"{block_size} tokens")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader | list:

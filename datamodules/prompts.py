@@ -24,28 +24,29 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from datamodules.common import PadCollator, TokenizerDataModule, encode_prompt
-from datamodules.sft import _read_json, _read_jsonl
+from datamodules.common import PadCollator, TokenizerDataModule, read_json_array, read_jsonl
+from testtime.errors import DataError
 from testtime.evaluation import extract_answer
+from testtime.lm import encode_prompt
 
 log = logging.getLogger(__name__)
 
 
 def _check_messages(messages: Any, where: str) -> list[dict]:
     if not isinstance(messages, list):
-        raise ValueError(f"{where}: 'messages' must be a list of {{role, content}} objects, "
+        raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects, "
                          f"got {type(messages).__name__}")
     if not messages:
-        raise ValueError(f"{where}: empty prompt ('messages' is an empty list)")
+        raise DataError(f"{where}: empty prompt ('messages' is an empty list)")
     for turn, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
-            raise ValueError(f"{where}: messages[{turn}] needs string 'role' and 'content', got {message!r}")
+            raise DataError(f"{where}: messages[{turn}] needs string 'role' and 'content', got {message!r}")
     if messages[-1]["role"] == "assistant":
-        raise ValueError(f"{where}: the last message is the assistant's; a prompt must end before the "
+        raise DataError(f"{where}: the last message is the assistant's; a prompt must end before the "
                          f"answer (drop it, or put it under 'answer')")
     if not any(m["content"].strip() for m in messages):
-        raise ValueError(f"{where}: empty prompt (every message's content is blank)")
+        raise DataError(f"{where}: empty prompt (every message's content is blank)")
     return messages
 
 
@@ -53,33 +54,33 @@ def check_prompt_record(record: Any, where: str) -> dict:
     """`{"prompt", "answer", "id"}` of one record (prompt: a string or a message list; answer and
     id may be None); anything malformed raises ValueError starting with `where`."""
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+        raise DataError(f"{where}: expected an object, got {type(record).__name__}")
     has_prompt, has_messages = record.get("prompt") is not None, record.get("messages") is not None
     if has_prompt and has_messages:
-        raise ValueError(f"{where}: has both 'prompt' and 'messages'; give one")
+        raise DataError(f"{where}: has both 'prompt' and 'messages'; give one")
     if has_messages:
         prompt = _check_messages(record["messages"], where)
     elif has_prompt:
         prompt = record["prompt"]
         if not isinstance(prompt, str):
-            raise ValueError(f"{where}: 'prompt' must be a string, got {type(prompt).__name__} "
+            raise DataError(f"{where}: 'prompt' must be a string, got {type(prompt).__name__} "
                              f"(use 'messages' for a list of chat messages)")
         if not prompt.strip():
-            raise ValueError(f"{where}: empty prompt")
+            raise DataError(f"{where}: empty prompt")
     else:
         present = sorted(k for k, v in record.items() if v is not None)
-        raise ValueError(f"{where}: missing prompt: needs 'prompt' (a string) or 'messages' (a list of "
+        raise DataError(f"{where}: missing prompt: needs 'prompt' (a string) or 'messages' (a list of "
                          f"{{role, content}}); found keys {present}")
     answer = record.get("answer")
     if answer is not None:
         if not isinstance(answer, str):
-            raise ValueError(f"{where}: 'answer' must be a string, got {type(answer).__name__} {answer!r} "
+            raise DataError(f"{where}: 'answer' must be a string, got {type(answer).__name__} {answer!r} "
                              f"(quote it: \"{answer}\")")
         if not answer.strip():
-            raise ValueError(f"{where}: empty 'answer' (leave the key out, or null, for no answer)")
+            raise DataError(f"{where}: empty 'answer' (leave the key out, or null, for no answer)")
     rid = record.get("id")
     if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
-        raise ValueError(f"{where}: 'id' must be a string or an integer, got {type(rid).__name__}")
+        raise DataError(f"{where}: 'id' must be a string or an integer, got {type(rid).__name__}")
     return {"prompt": prompt, "answer": answer, "id": rid}
 
 
@@ -90,13 +91,13 @@ def read_prompt_records(path: str | os.PathLike) -> list[dict]:
         raise FileNotFoundError(f"prompt file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = [(f"{path}: record {i} (line {lineno})", obj) for i, (lineno, obj) in enumerate(_read_jsonl(path))]
+        rows = [(f"{path}: record {i} (line {lineno})", obj) for i, (lineno, obj) in enumerate(read_jsonl(path))]
     elif suffix == ".json":
-        rows = [(f"{path}: record {i}", obj) for i, obj in enumerate(_read_json(path))]
+        rows = [(f"{path}: record {i}", obj) for i, obj in enumerate(read_json_array(path))]
     else:
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .json")
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .json")
     if not rows:
-        raise ValueError(f"{path}: no records")
+        raise DataError(f"{path}: no records")
     records = [check_prompt_record(obj, where) for where, obj in rows]
     for i, record in enumerate(records):
         record["index"] = i
@@ -136,6 +137,9 @@ class PromptDataModule(TokenizerDataModule):
             generation prompt); False tokenizes them as plain text. Message lists always use it.
         system_prompt: a system message put before every chat prompt (records that already
             start with a system message are an error).
+        max_history_turns: keep only the last N messages of each conversation (a system message
+            at its start stays), as a chat keeps a short history (the TTT-E2E seed's default is 5);
+            how many records were shortened is logged. None keeps every message.
         num_workers: DataLoader workers.
     """
 
@@ -147,15 +151,18 @@ class PromptDataModule(TokenizerDataModule):
         max_prompt_tokens: int | None = None,
         chat_template: bool = True,
         system_prompt: str | None = None,
+        max_history_turns: int | None = None,
         num_workers: int = 0,
     ):
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise DataError(f"batch_size must be positive, got {batch_size}")
         if max_prompt_tokens is not None and max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be positive (or None for no limit), got {max_prompt_tokens}")
+            raise DataError(f"max_prompt_tokens must be positive (or None for no limit), got {max_prompt_tokens}")
+        if max_history_turns is not None and max_history_turns < 1:
+            raise DataError(f"max_history_turns must be positive (or None for the whole history), got {max_history_turns}")
         if system_prompt is not None and not chat_template:
-            raise ValueError("system_prompt needs chat_template=True (a plain-text prompt has no system message)")
+            raise DataError("system_prompt needs chat_template=True (a plain-text prompt has no system message)")
         self.save_hyperparameters()
         self.model_name_or_path = model_name_or_path
         self.path = path
@@ -170,17 +177,31 @@ class PromptDataModule(TokenizerDataModule):
             prompt = [{"role": "user", "content": prompt}]
         if self.hparams.system_prompt is not None:
             if prompt[0]["role"] == "system":
-                raise ValueError(f"{where}: already starts with a system message, and system_prompt is set; "
+                raise DataError(f"{where}: already starts with a system message, and system_prompt is set; "
                                  f"drop one of them")
             prompt = [{"role": "system", "content": self.hparams.system_prompt}] + prompt
         return prompt
 
+    def _history(self, prompt: str | list[dict]) -> str | list[dict]:
+        """The last `max_history_turns` messages (a leading system message kept)."""
+        keep = self.hparams.max_history_turns
+        if keep is None or isinstance(prompt, str):
+            return prompt
+        system = prompt[:1] if prompt[0]["role"] == "system" else []
+        turns = prompt[len(system):]
+        return system + turns[-keep:]
+
     def _load(self) -> list[dict]:
         records = read_prompt_records(self.path)
         tokenizer = self.tokenizer
-        inputs = [self._chat(r["prompt"], r["where"]) for r in records]
+        histories = [self._history(r["prompt"]) for r in records]
+        inputs = [self._chat(h, r["where"]) for h, r in zip(histories, records)]
+        shortened = sum(len(h) < len(r["prompt"]) for h, r in zip(histories, records) if isinstance(h, list))
+        if shortened:
+            log.info("%s: kept the last %d messages of %d conversation(s) (max_history_turns)", self.path,
+                     self.hparams.max_history_turns, shortened)
         if any(isinstance(x, list) for x in inputs) and not tokenizer.chat_template:
-            raise ValueError(f"{self.path}: the tokenizer of {self.model_name_or_path} has no chat template; "
+            raise DataError(f"{self.path}: the tokenizer of {self.model_name_or_path} has no chat template; "
                              f"use chat_template=False with string prompts")
         examples = [{"prompt_ids": encode_prompt(tokenizer, x), "prompt": r["prompt"], "answer": r["answer"],
                      "id": r["id"] if r["id"] is not None else r["index"]} for x, r in zip(inputs, records)]
@@ -189,7 +210,7 @@ class PromptDataModule(TokenizerDataModule):
             too_long = [(r, len(e["prompt_ids"])) for r, e in zip(records, examples) if len(e["prompt_ids"]) > limit]
             if too_long:
                 (first, n), others = too_long[0], len(too_long) - 1
-                raise ValueError(f"{first['where']}: the prompt has {n} tokens, more than max_prompt_tokens={limit}"
+                raise DataError(f"{first['where']}: the prompt has {n} tokens, more than max_prompt_tokens={limit}"
                                  f" (prompts are never truncated; {others} more record(s) are too long too)")
         missing = [r["index"] for r in records if r["answer"] is None]
         self.first_without_answer = missing[0] if missing else None
@@ -216,12 +237,12 @@ class PromptDataModule(TokenizerDataModule):
         return self.first_without_answer is None
 
     def _no_training(self):
-        raise ValueError("PromptDataModule holds prompts for validate / test / predict and has no training "
+        raise DataError("PromptDataModule holds prompts for validate / test / predict and has no training "
                          "data; to train on prompt/completion records use datamodules.sft.SFTDataModule")
 
     def _require_answers(self, stage: str) -> None:
         if not self.has_answers:
-            raise ValueError(f"{self.path}: record {self.first_without_answer} has no 'answer'; {stage} scores "
+            raise DataError(f"{self.path}: record {self.first_without_answer} has no 'answer'; {stage} scores "
                              f"accuracy and needs an answer on every record (predict works without answers)")
 
     def _loader(self) -> DataLoader:

@@ -22,17 +22,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from datamodules.common import encode_prompt, tokenize_records
+from datamodules.common import tokenize_records
 from datamodules.tasks import TaskDataModule
+from testtime.errors import DataError
 from testtime.evaluation import rejection_sample
+from testtime.io import atomic_write_text
+from testtime.lm import encode_prompt
 from testtime.loading import cache_dir, load_model_and_tokenizer
 from testtime.tasks import DEFAULT_INSTRUCTION
 
@@ -65,19 +66,6 @@ def model_identity(name_or_path: str) -> dict[str, Any]:
         stat = path.stat()
         return {"name": name, "path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return {"name": name}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and `os.replace`: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def describe_stats(stats: dict[str, int]) -> str:
@@ -144,11 +132,11 @@ class RejectionSampledTaskDataModule(TaskDataModule):
                                                                            sample_max_new_tokens),
                             ("generation_batch_size", generation_batch_size)):
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise DataError(f"{name} must be >= 1, got {value}")
         if not sample_temperature > 0:
-            raise ValueError(f"sample_temperature must be > 0, got {sample_temperature}")
+            raise DataError(f"sample_temperature must be > 0, got {sample_temperature}")
         if not 0 < sample_top_p <= 1:
-            raise ValueError(f"sample_top_p must be in (0, 1], got {sample_top_p}")
+            raise DataError(f"sample_top_p must be in (0, 1], got {sample_top_p}")
         self.stats: dict[str, Any] = {}
         self._sampled_here = False  # whether this process has (re)sampled since it was built
 
@@ -218,8 +206,8 @@ class RejectionSampledTaskDataModule(TaskDataModule):
                    "problems_settings": {"n_train": hp.n_train, "difficulty": hp.difficulty, "kinds": hp.kinds,
                                          "seed": hp.seed},
                    "seconds": round(seconds, 2), "device": str(device), "records_file": path.name}
-        _write_atomic(self.stats_path, json.dumps(sidecar, indent=2) + "\n")
-        _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        atomic_write_text(self.stats_path, json.dumps(sidecar, indent=2) + "\n")
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         message = describe_stats(stats)
         if stats["kept"] == 0 or stats.get("kept_unfinished"):
             log.warning("rejection sampling with %s: %s (%.1f s)", self.model_name_or_path, message, seconds)
@@ -237,10 +225,10 @@ class RejectionSampledTaskDataModule(TaskDataModule):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not a JSON record ({err}); delete the file to sample "
+                    raise DataError(f"{path}:{number}: not a JSON record ({err}); delete the file to sample "
                                      "again") from err
                 if not isinstance(record, dict) or "prompt" not in record or "completion" not in record:
-                    raise ValueError(f"{path}:{number}: expected a prompt/completion record; delete the file to "
+                    raise DataError(f"{path}:{number}: expected a prompt/completion record; delete the file to "
                                      "sample again")
                 records.append(record)
         return records
@@ -288,7 +276,7 @@ class RejectionSampledTaskDataModule(TaskDataModule):
         if not records:
             sampled = (f" ({describe_stats(self.stats)})" if {"samples", "kept", "problems", "problems_with_none"}
                        <= set(self.stats) else "")
-            raise ValueError(
+            raise DataError(
                 f"rejection sampling kept no correct solution{sampled}: model {self.model_name_or_path!r} with "
                 f"{self._settings_text()} answered none of the training problems correctly, so there is nothing "
                 "to train on. Sample more (raise samples_per_problem or n_train), make the problems easier (lower "
@@ -303,7 +291,7 @@ class RejectionSampledTaskDataModule(TaskDataModule):
                              "question": r["question"]})
         truncated, dropped = counts["truncated"], counts["dropped"]
         if not examples:
-            raise ValueError(f"all {len(records)} rejection-sampled records lost their completion to "
+            raise DataError(f"all {len(records)} rejection-sampled records lost their completion to "
                              f"max_length={max_length}; raise max_length")
         self.stats.update(records=len(records), truncated=truncated, dropped=dropped, examples=len(examples))
         log.info("train: %d examples from %d rejection-sampled records (%s)", len(examples), len(records),

@@ -8,17 +8,25 @@ instead of surfacing later as a shape error. JSON files are read here rather tha
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.common import IGNORE_INDEX, PadCollator, TokenizerDataModule, normalize_record, tokenize_records
+from datamodules.common import (
+    PadCollator,
+    TokenizerDataModule,
+    normalize_record,
+    read_json_array,
+    read_jsonl,
+    tokenize_records,
+)
+from testtime.errors import DataError
+from testtime.lm import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -27,48 +35,6 @@ DATASETS_SUFFIXES = (".parquet", ".arrow")
 
 
 # -- reading records ---------------------------------------------------------------------------
-
-def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: line {lineno} is not valid UTF-8 (byte {err.start} of the line: "
-                         f"{raw[err.start:err.start + 4]!r})") from None
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for each non-blank line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = _decode_line(raw, path, lineno).strip()
-            if not line:
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
-
-
-def _read_json(path: Path) -> list[Any]:
-    """A JSON array of records; a .json file that is really JSON Lines is accepted too."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        lineno = data.count(b"\n", 0, err.start) + 1
-        raise ValueError(f"{path}: line {lineno} is not valid UTF-8 (byte offset {err.start})") from None
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # several top-level values: JSON Lines under a .json name
-            return [obj for _, obj in _read_jsonl(path)]
-        raise ValueError(f"{path}: line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
-    if isinstance(parsed, dict):  # a single record
-        parsed = [parsed]
-    if not isinstance(parsed, list):
-        raise ValueError(f"{path}: expected a JSON array of records, got {type(parsed).__name__}")
-    return parsed
-
 
 def _is_saved_dataset(path: Path) -> bool:
     """A folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
@@ -83,9 +49,9 @@ def read_records(path: str | os.PathLike) -> list[dict]:
         raise FileNotFoundError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows: Iterable[Any] = (obj for _, obj in _read_jsonl(path))
+        rows: Iterable[Any] = (obj for _, obj in read_jsonl(path))
     elif suffix == ".json":
-        rows = _read_json(path)
+        rows = read_json_array(path)
     elif suffix == ".parquet":
         from datasets import Dataset
 
@@ -95,7 +61,7 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 
         rows = Dataset.from_file(str(path))
     else:
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of "
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of "
                          f"{', '.join(JSON_SUFFIXES + DATASETS_SUFFIXES)}")
     return [normalize_record(row, source=str(path), index=i) for i, row in enumerate(rows)]
 
@@ -109,7 +75,7 @@ def load_dataset_records(name: str, config: str | None, split: str) -> list[dict
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"{name}: no split {split!r}; it has {sorted(loaded)}")
+                raise DataError(f"{name}: no split {split!r}; it has {sorted(loaded)}")
             loaded = loaded[split]
     else:
         loaded = datasets.load_dataset(name, config, split=split)
@@ -208,11 +174,11 @@ class SFTDataModule(TokenizerDataModule):
     ):
         super().__init__()
         if not train_files and not dataset_name:
-            raise ValueError("SFTDataModule needs train_files or dataset_name")
+            raise DataError("SFTDataModule needs train_files or dataset_name")
         if max_length < 1:
-            raise ValueError(f"max_length must be positive, got {max_length}")
+            raise DataError(f"max_length must be positive, got {max_length}")
         if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self.train_dataset: list[dict] | None = None
         self.val_dataset: list[dict] | None = None
@@ -233,7 +199,7 @@ class SFTDataModule(TokenizerDataModule):
         if not hp.val_files and not hp.val_split_name:
             train, val = split_off_validation(train, hp.val_fraction, hp.seed)
         if not train:
-            raise ValueError("no training records: the training sources are empty")
+            raise DataError("no training records: the training sources are empty")
         return train, val
 
     def setup(self, stage: str | None = None) -> None:
@@ -249,7 +215,7 @@ class SFTDataModule(TokenizerDataModule):
             self.stats[split]["sequences"] = len(examples)
             splits[split] = examples
         if not splits["train"]:
-            raise ValueError(f"every training record lost its completion to max_length={max_length}")
+            raise DataError(f"every training record lost its completion to max_length={max_length}")
         self.train_dataset, self.val_dataset = splits["train"], splits["val"]
         log.info("SFT data: %s", self.stats)
 

@@ -11,16 +11,13 @@ the generation fields, over the test problems.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from torch.utils.data import DataLoader
 
-from datamodules.common import PadCollator, TokenizerDataModule, encode_prompt, tokenize_prompt_completion
-from testtime.tasks import Problem, make_splits, prompt_messages, sft_example
-
-log = logging.getLogger(__name__)
-
+from datamodules.common import PadCollator, TokenizerDataModule, tokenize_records
+from testtime.lm import encode_prompt
+from testtime.tasks import Problem, make_splits, sft_example
 
 class SFTCollator:
     """Right-padded `input_ids`, `attention_mask`, `labels`; the generation fields are dropped."""
@@ -97,28 +94,20 @@ class TaskDataModule(TokenizerDataModule):
                                                               difficulty=difficulty, kinds=kinds)
         self._datasets: dict[str, list[dict]] = {}
 
-    def _encode(self, problem: Problem) -> dict[str, Any]:
-        example = tokenize_prompt_completion(self.tokenizer, sft_example(problem))
-        return {
-            "input_ids": example["input_ids"],
-            "labels": example["labels"],
-            "prompt_ids": encode_prompt(self.tokenizer, prompt_messages(problem)),
-            "answer": problem.answer,
-            "question": problem.question,
-        }
-
     def dataset(self, split: str) -> list[dict]:
-        """Encoded examples of a split ("train", "validation" or "test"), built once."""
+        """Encoded examples of a split ("train", "validation" or "test"), built once.
+
+        Truncation to `max_length` goes through `tokenize_records`, which counts and logs what it
+        cut (arithmetic examples are far shorter than the default).
+        """
         if split not in self._datasets:
-            examples = [self._encode(p) for p in self.problems[split]]
-            truncated = 0
-            for e in examples:
-                if len(e["input_ids"]) > self.max_length:
-                    truncated += 1
-                    e["input_ids"], e["labels"] = e["input_ids"][: self.max_length], e["labels"][: self.max_length]
-            if truncated:
-                log.warning("%d of %d %s examples were truncated to max_length=%d", truncated, len(examples),
-                            split, self.max_length)
+            problems = self.problems[split]
+            records = [{**sft_example(p), "index": i} for i, p in enumerate(problems)]
+            examples, _ = tokenize_records(
+                self.tokenizer, records, self.max_length, split,
+                extra=lambda r: {"prompt_ids": encode_prompt(self.tokenizer, r["prompt"]),
+                                 "answer": problems[r["index"]].answer, "question": problems[r["index"]].question},
+                drop_unlabelled=split == "train")
             self._datasets[split] = examples
         return self._datasets[split]
 

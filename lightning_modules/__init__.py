@@ -1,7 +1,12 @@
-"""LightningModules: one per method, thin wrappers around the algorithms in `testtime/`."""
+"""LightningModules: one per method, thin wrappers around the algorithms in `testtime/`.
+
+Importing the package registers the classes, so configs and `--model` may use their short names
+(`--model TNOTModule`) as well as their full paths.
+"""
 
 from lightning_modules.autodeco import AutoDecoModule
 from lightning_modules.base import TesttimeModule
 from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.tnot import TNOTModule
 
-__all__ = ["AutoDecoModule", "CausalLMModule", "TesttimeModule"]
+__all__ = ["AutoDecoModule", "CausalLMModule", "TNOTModule", "TesttimeModule"]

@@ -7,13 +7,16 @@ mean prediction, and AutoDeco itself, all on the same problems and seeds.
 
 Hooks for callbacks (see `callbacks/`): `token_filter` (set by `GoldilocksFilter`) picks the tokens
 that enter the loss; with `collect_diagnostics` (set by `EntropyDiagnostics`) `training_step`
-returns per-token T, P, required T and entropy of the tokens it trained on.
+returns per-token T, P, required T, entropy and whether min-p keeps the label, and
+`diagnostics_figures` draws them (`testtime.autodeco_plots`).
+
+Checkpoints hold only the heads (the frozen base is reloaded from `model_name_or_path`); loading
+one that lacks them (another method's checkpoint) is an error naming the missing keys.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import tempfile
 from typing import Literal
@@ -23,23 +26,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_modules.base import TesttimeModule
-from testtime.autodeco import (
-    AutoDecoModel,
-    autodeco_generate,
-    load_autodeco,
-    merge_autodeco,
-    required_temperature,
-    training_losses,
-)
-from testtime.evaluation import (
-    DecodingSetting,
-    eos_ids,
-    evaluate,
-    format_table,
-    pick_best,
-    sampling,
-    sweep_settings,
-)
+from testtime.autodeco import AutoDecoModel, autodeco_generate, required_temperature, training_losses
+from testtime.autodeco_export import load_autodeco, merge_autodeco
+from testtime.autodeco_plots import training_figures
+from testtime.evaluation import DecodingSetting, evaluate, pick_best, sampling, sweep_settings
+from testtime.lm import IGNORE_INDEX, before_eos_mask, entropy, eos_token_ids
 
 _HEAD_PREFIXES = ("model.temp_head.", "model.top_p_head.")
 
@@ -70,6 +61,8 @@ class AutoDecoModule(TesttimeModule):
         temp_cap: the highest T_req trained toward (the head's range is (0, 2)); -1 disables.
         generation_min_p: min-p applied after the heads' T and P when generating; None = use
             `min_p_ratio` for the hinge objective (its heads are trained for it), off for legacy_ce.
+        diagnostics_min_p_ratio: with `EntropyDiagnostics`, report required temperatures and whether
+            min-p keeps the label at this ratio instead of `min_p_ratio`.
         static_temperatures: the static grid's temperatures (the baseline AutoDeco must beat).
         static_top_ps: the static grid's top-p values.
         eval_max_new_tokens: tokens generated per answer in validate/test.
@@ -96,6 +89,7 @@ class AutoDecoModule(TesttimeModule):
         over_weight: float = 1.0,
         temp_cap: float = 2.0,
         generation_min_p: float | None = None,
+        diagnostics_min_p_ratio: float | None = None,
         static_temperatures: list[float] = [0.3, 0.6, 1.0],  # noqa: B006 (never mutated)
         static_top_ps: list[float] = [0.8, 0.95, 1.0],  # noqa: B006
         eval_max_new_tokens: int = 32,
@@ -105,8 +99,9 @@ class AutoDecoModule(TesttimeModule):
         super().__init__(model_name_or_path, eval_max_new_tokens, eval_num_samples, eval_seed)
         if not (train_temp or train_top_p):
             raise ValueError("train_temp and train_top_p are both false: nothing to train")
+        if diagnostics_min_p_ratio is not None and not 0.0 < diagnostics_min_p_ratio < 1.0:
+            raise ValueError(f"diagnostics_min_p_ratio must be in (0, 1), got {diagnostics_min_p_ratio}")
         self.save_hyperparameters()
-        self.strict_loading = False  # checkpoints hold only the heads
         self.token_filter = None  # set by callbacks.GoldilocksFilter
         self.collect_diagnostics = False  # set by callbacks.EntropyDiagnostics
         self.best_static: DecodingSetting | None = None
@@ -139,10 +134,9 @@ class AutoDecoModule(TesttimeModule):
     def generation_model(self):
         return self.model.llm
 
-    def state_dict(self, *args, **kwargs):
+    def checkpoint_key(self, key: str) -> bool:
         """Only the heads: the frozen base is reloaded from `model_name_or_path`."""
-        state = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in state.items() if k.startswith(_HEAD_PREFIXES)}
+        return key.startswith(_HEAD_PREFIXES)
 
     # -- training ----------------------------------------------------------------------------
     def _losses(self, batch: dict) -> tuple[dict, dict | None]:
@@ -172,17 +166,26 @@ class AutoDecoModule(TesttimeModule):
 
     @torch.no_grad()
     def _diagnostics(self, out, logits, labels, mask) -> dict:
-        selected = labels != -100
+        """Per selected token: required temperature, entropy of the base distribution, the heads' T
+        and P, and `min_p_ok` (T >= T_req: min-p at the ratio keeps the label)."""
+        selected = labels != IGNORE_INDEX
         if mask is not None:
             selected &= mask.bool()
-        z = logits.float()[selected]
-        d = {"required_temperature": required_temperature(logits, labels, self.hparams.min_p_ratio)[selected].float(),
-             "entropy": -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)}
+        ratio = self.hparams.diagnostics_min_p_ratio or self.hparams.min_p_ratio
+        d = {"required_temperature": required_temperature(logits, labels, ratio)[selected].float(),
+             "entropy": entropy(logits[selected])}
         if out.temperature is not None:
             d["temperature"] = out.temperature[:, :-1][selected].detach().float()
+            d["min_p_ok"] = d["temperature"] >= d["required_temperature"]
         if out.top_p is not None:
             d["top_p"] = out.top_p[:, :-1][selected].detach().float()
         return d
+
+    def diagnostics_figures(self, stage: str, points=None, records=None, **_) -> dict:
+        """The training figures of `testtime.autodeco_plots` (for callbacks.EntropyDiagnostics)."""
+        if stage != "fit" or points is None:
+            return {}
+        return training_figures(points, records or [], self.hparams.diagnostics_min_p_ratio or self.hparams.min_p_ratio)
 
     def training_step(self, batch: dict, batch_idx: int):
         losses, diagnostics = self._losses(batch)
@@ -217,15 +220,21 @@ class AutoDecoModule(TesttimeModule):
             out = autodeco_generate(model, self.model, input_ids, attention_mask, min_p=self._min_p(), **kwargs)
             if record and out.temperature.numel():
                 new = out.sequences[:, input_ids.shape[1]:]
-                eos = torch.as_tensor(list(eos_ids(model, self.tokenizer)), device=new.device)
-                ended_before = torch.isin(new, eos).long().cumsum(1) - torch.isin(new, eos).long()
-                used = (ended_before == 0).float()
+                used = before_eos_mask(new, eos_token_ids(model, self.tokenizer), keep_eos=True).float()
                 self._prediction_sums += torch.tensor([
                     float((out.temperature * used).sum()), float((out.top_p * used).sum()), float(used.sum())],
                     dtype=torch.float64)
             return out.sequences
 
         return generate
+
+    def autodeco_setting(self, num_samples: int | None = None) -> DecodingSetting:
+        return DecodingSetting("autodeco", do_sample=True, num_samples=num_samples or self.eval_num_samples,
+                               generate_fn=self.autodeco_generate_fn(record=True))
+
+    def primary_setting(self) -> DecodingSetting:
+        """Sampling with the heads' per-token T and P: what `predict` uses."""
+        return self.autodeco_setting(1)
 
     def static_grid(self) -> list[DecodingSetting]:
         hp = self.hparams
@@ -242,8 +251,7 @@ class AutoDecoModule(TesttimeModule):
         if self.mean_prediction is not None:
             t, p = self.mean_prediction
             settings.append(sampling(t, p, k, name="mean_static"))
-        settings.append(DecodingSetting("autodeco", do_sample=True, num_samples=k,
-                                        generate_fn=self.autodeco_generate_fn(record=True)))
+        settings.append(self.autodeco_setting())
         return settings
 
     # -- evaluation --------------------------------------------------------------------------
@@ -263,6 +271,7 @@ class AutoDecoModule(TesttimeModule):
 
     def on_validation_epoch_end(self) -> None:
         results = self.log_accuracies("val")
+        self._val_problems = self.problems_scored("val")
         self._update_mean_prediction()
         if self._with_grid and results:
             grid = self.static_grid()
@@ -288,10 +297,8 @@ class AutoDecoModule(TesttimeModule):
             return
         grid = self.static_grid()
         self._prediction_sums.zero_()
-        autodeco = DecodingSetting("autodeco", do_sample=True, num_samples=self.eval_num_samples,
-                                   generate_fn=self.autodeco_generate_fn(record=True))
         self.validation_results = evaluate(
-            self.generation_model(), self.tokenizer, problems, grid + [autodeco],
+            self.generation_model(), self.tokenizer, problems, grid + [self.autodeco_setting()],
             batch_size=getattr(datamodule, "eval_batch_size", 16), max_new_tokens=self.eval_max_new_tokens,
             seed=self.eval_seed, progress=self.global_rank == 0)
         self.best_static = pick_best(self.validation_results, grid)
@@ -304,23 +311,17 @@ class AutoDecoModule(TesttimeModule):
 
     def on_test_epoch_end(self) -> None:
         results = self.log_accuracies("test")
-        if not results or not self.trainer.is_global_zero:
+        n = self.problems_scored("test")  # a collective: every rank takes part
+        if not results:
             return
-        n = len(getattr(self.trainer.datamodule, "problems", {}).get("test", []))
-        table = format_table({k.removeprefix("test/acc_"): v for k, v in results.items()}, n)
-        rank_zero_info(f"\nAutoDeco evaluation, {n} test problems, k={self.eval_num_samples} samples per "
-                       f"sampled setting:\n{table}")
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        os.makedirs(log_dir, exist_ok=True)
-        with open(os.path.join(log_dir, "test_results.json"), "w") as f:
-            json.dump({"n_problems": n, "k": self.eval_num_samples, "results": results,
-                       "best_static": self.best_static.name if self.best_static else None,
-                       "mean_prediction": self.mean_prediction,
-                       "validation_results": getattr(self, "validation_results", None)}, f, indent=2)
-        with open(os.path.join(log_dir, "test_results.md"), "w") as f:
-            f.write(table + "\n")
-        rank_zero_info(f"results written to {log_dir}/test_results.md and test_results.json")
+        log_dir = self.results_dir()
         plots = sorted(glob.glob(os.path.join(log_dir, "diagnostics", "*.png")))
+        self.write_results(
+            "test", {k.removeprefix("test/acc_"): v for k, v in results.items()}, n_problems=n,
+            title=f"AutoDeco evaluation, {n} test problems, k={self.eval_num_samples} samples per sampled setting:",
+            payload={"k": self.eval_num_samples, "best_static": self.best_static.name if self.best_static else None,
+                     "mean_prediction": self.mean_prediction,
+                     "validation_results": getattr(self, "validation_results", None), "diagnostics_plots": plots})
         if plots:
             rank_zero_info("training diagnostics plots: " + ", ".join(plots))
 

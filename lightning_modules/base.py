@@ -1,19 +1,47 @@
-"""What every testtime LightningModule shares: loading the HF model and answer-accuracy evaluation.
+"""What every testtime LightningModule shares: the HF model, answer-accuracy evaluation, the primary
+decoding setting for `predict`, partial checkpoints, and the results table.
 
 A method subclasses `TesttimeModule`, builds its model in `configure_model` (through
-`load_base_model`), and adds its own decoding setting(s) by overriding `decoding_settings()`.
-Validation/test batches from `datamodules.tasks.TaskDataModule` carry prompts and answers; for
-each setting the module generates, scores and logs `<stage>/acc_<setting>` so a method's
-accuracy always sits beside greedy and default sampling on the same problems.
+`load_base_model`), and declares:
+
+- `decoding_settings()`: the settings scored in validate/test (greedy and default sampling come
+  first, a method appends its own), so a method's accuracy always sits beside the baselines on the
+  same problems and seeds (`<stage>/acc_<setting>`);
+- `primary_setting()`: the method's own way of decoding, used by the shared `predict_step`
+  (greedy on the base model unless the method says otherwise);
+- `checkpoint_key(key)`: which state-dict keys a checkpoint holds. Methods that train heads or
+  adapters on a frozen base keep only those; loading then requires every one of them and ignores
+  the frozen base (reloaded from `model_name_or_path`), with an error naming what is missing;
+- `write_results(stage, results, ...)`: the table on the console plus `<stage>_results.md/.json`
+  (and figures) in the log folder, on global rank 0.
+
+`fit` with validation ends with the last validation metrics as a table on the console (and in
+`val_results.md/.json`), as `test` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from typing import Any
+
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
+from testtime.errors import CheckpointError
 from testtime.evaluation import AnswerAccuracy, DecodingSetting, default_sampling, generate_completions, greedy
+from testtime.io import format_table, save_figure, standard_error, write_results
 from testtime.loading import load_model_and_tokenizer
+
+
+def metrics_table(metrics: dict[str, float], n_problems: int | None = None) -> str:
+    """A markdown table of logged metrics; accuracies (`*/acc_*`) get a binomial standard error."""
+    lines = ["| metric | value | ± s.e. |", "|---|---:|---:|"]
+    for name, value in metrics.items():
+        se = standard_error(value, n_problems) if "/acc_" in name and n_problems else None
+        lines.append(f"| {name} | {value:.4f} | {'' if se is None else f'{se:.3f}'} |")
+    return "\n".join(lines)
 
 
 class TesttimeModule(L.LightningModule):
@@ -21,7 +49,7 @@ class TesttimeModule(L.LightningModule):
 
     Args:
         model_name_or_path: local HF folder, `.gguf` file, `smollm2-135m`, `tiny-random-<family>` or a hub id.
-        eval_max_new_tokens: tokens generated per answer during validate/test.
+        eval_max_new_tokens: tokens generated per answer during validate/test/predict.
         eval_num_samples: k, the samples per problem for sampled pass@1.
         eval_seed: seed of the evaluation's sampling (the same problems and seeds for every setting).
     """
@@ -36,6 +64,7 @@ class TesttimeModule(L.LightningModule):
         self.model = None
         self.tokenizer = None
         self._metrics: dict[str, AnswerAccuracy] = {}  # plain dict: never part of the checkpoint
+        self._problems: dict[str, int] = {}  # problems scored per stage on this rank
 
     # -- model -------------------------------------------------------------------------------
     def load_base_model(self):
@@ -48,10 +77,46 @@ class TesttimeModule(L.LightningModule):
         """The model `generate` runs on (a method may wrap or replace it)."""
         return self.model
 
+    # -- partial checkpoints -----------------------------------------------------------------
+    def checkpoint_key(self, key: str) -> bool:
+        """Whether a checkpoint holds this state-dict key. Every key by default; a method on a
+        frozen base returns True only for what it trains (its heads, adapter, gates)."""
+        return True
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        return type(state)((k, v) for k, v in state.items() if self.checkpoint_key(k))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a checkpoint: with `strict`, every key `checkpoint_key` keeps must be there (a
+        checkpoint of another method would otherwise leave them at their initial values without a
+        word), and a key the module does not have at all is an error; keys of the frozen base are
+        ignored (the base is reloaded from `model_name_or_path`)."""
+        own = super().state_dict(keep_vars=True).keys()
+        wanted = [k for k in own if self.checkpoint_key(k)]
+        if strict:
+            missing = [k for k in wanted if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in own]
+            if missing or unexpected:
+                name = type(self).__name__
+                parts = []
+                if missing:
+                    parts.append(f"it lacks {len(missing)} key(s) that {name} trains: {_listing(missing)}")
+                if unexpected:
+                    parts.append(f"it holds {len(unexpected)} key(s) {name} does not have: {_listing(unexpected)}")
+                raise CheckpointError(f"this checkpoint does not fit {name} ({'; '.join(parts)}); was it written "
+                                      f"by another method or another configuration?")
+        return super().load_state_dict({k: v for k, v in state_dict.items() if k in wanted}, strict=False,
+                                       assign=assign)
+
     # -- evaluation --------------------------------------------------------------------------
     def decoding_settings(self) -> list[DecodingSetting]:
         """The settings scored in validate/test; methods append their own."""
         return [greedy(), default_sampling(self.eval_num_samples)]
+
+    def primary_setting(self) -> DecodingSetting:
+        """The method's own decoding, used by `predict`; greedy on the base model here."""
+        return greedy()
 
     def evaluate_batch(self, batch: dict, batch_idx: int, stage: str) -> None:
         if "prompt_ids" not in batch:
@@ -68,6 +133,12 @@ class TesttimeModule(L.LightningModule):
             if key not in self._metrics:
                 self._metrics[key] = AnswerAccuracy().to(self.device)
             self._metrics[key].update(completions, batch["answers"])
+        self._problems[stage] = self._problems.get(stage, 0) + len(batch["answers"])
+
+    def problems_scored(self, stage: str) -> int:
+        """Problems scored in `stage` on all ranks (a collective under DDP: every rank calls it)."""
+        count = torch.tensor(float(self._problems.pop(stage, 0)), device=self.device)
+        return int(self.trainer.strategy.reduce(count, reduce_op="sum"))
 
     def log_accuracies(self, stage: str) -> dict[str, float]:
         results = {}
@@ -79,17 +150,56 @@ class TesttimeModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log_accuracies("val")
+        self._val_problems = self.problems_scored("val")
 
     def on_test_epoch_end(self) -> None:
         self.log_accuracies("test")
 
+    def on_fit_end(self) -> None:
+        """The last validation metrics as a table, so a `fit` shows its result without opening metrics.csv."""
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                   if k.startswith("val/") and torch.as_tensor(v).numel() == 1}
+        if metrics:
+            n = getattr(self, "_val_problems", 0) or None
+            how = f", {n} problems" if n else ""
+            self.write_results("val", metrics, metrics_table(metrics, n),
+                               title=f"{type(self).__name__}: validation after fit (step {self.global_step}{how})",
+                               payload={"n_problems": n, "step": self.global_step})
+
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        """Greedy completions of the prompts (plus the reference answer where the data has one)."""
+        """Completions of the prompts with the method's `primary_setting` (one sample each), plus the
+        reference answer where the data has one."""
+        setting = dataclasses.replace(self.primary_setting(), num_samples=1)
         completions = generate_completions(self.generation_model(), self.tokenizer, batch["prompt_ids"],
-                                           batch["prompt_mask"], self.decoding_settings()[0],
-                                           max_new_tokens=self.eval_max_new_tokens, seed=self.eval_seed)
+                                           batch["prompt_mask"], setting, max_new_tokens=self.eval_max_new_tokens,
+                                           seed=self.eval_seed + batch_idx)
         answers = batch.get("answers", [None] * len(completions))
-        return [{"completion": c[0], "answer": a} for c, a in zip(completions, answers)]
+        return [{"completion": c[0], "answer": a, "setting": setting.name} for c, a in zip(completions, answers)]
+
+    # -- results -----------------------------------------------------------------------------
+    def results_dir(self) -> str:
+        return self.trainer.log_dir or self.trainer.default_root_dir
+
+    def write_results(self, stage: str, results: dict[str, float], table: str | None = None, title: str = "",
+                      payload: dict[str, Any] | None = None, figures: dict[str, Any] | None = None,
+                      n_problems: int | None = None) -> list[str]:
+        """On global rank 0: print `title` and the table, write `<stage>_results.md` and `.json`
+        (the results plus `payload`) and each figure (`{file name: matplotlib Figure}`) into the log
+        folder; returns the paths written. `table` defaults to an accuracy table over `n_problems`."""
+        if not self.trainer.is_global_zero:
+            return []
+        if table is None:
+            table = format_table(results, n_problems or 0)
+        rank_zero_info(f"\n{title}\n{table}" if title else f"\n{table}")
+        folder = self.results_dir()
+        paths = write_results(folder, f"{stage}_results", table,
+                              {"stage": stage, "results": results, **({"n_problems": n_problems} if n_problems else {}),
+                               **(payload or {})})
+        for name, fig in (figures or {}).items():
+            if fig is not None:
+                paths.append(save_figure(fig, os.path.join(folder, name)))
+        rank_zero_info(f"results written to {folder}: {', '.join(os.path.basename(str(p)) for p in paths)}")
+        return [str(p) for p in paths]
 
     # -- optimization ------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -110,3 +220,8 @@ class TesttimeModule(L.LightningModule):
         weights, so that one folder serves on its own.
         """
         raise NotImplementedError(f"{type(self).__name__} has no export format")
+
+
+def _listing(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")

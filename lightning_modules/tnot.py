@@ -11,28 +11,26 @@ problems, temperature and seeds, so the table shows where the method helps and w
 log directory. With the `EntropyDiagnostics` callback (it sets `collect_diagnostics`), every
 TNOT-decoded sample also yields a trace: per-token entropy (with and without the delta),
 thresholds, forced stop positions and retries, returned from `validation_step` / `test_step`
-as `{"traces": [...]}` for the callback to write and plot.
+as `{"traces": [...]}`; the callback writes them, and this module's `diagnostics_summary` and
+`diagnostics_figures` (`testtime.tnot_plots`) summarize and draw them.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from typing import Literal
 
-import torch
-from lightning.pytorch.utilities import rank_zero_info
-
 from lightning_modules.base import TesttimeModule
-from testtime.evaluation import DecodingSetting, format_table, generate_completions
+from testtime.errors import UsageError
+from testtime.evaluation import DecodingSetting
 from testtime.tnot import TNOTConfig, enable_tnot_model, sample_traces
+from testtime.tnot_plots import entropy_over_positions, sweep_figure, trace_summary
 
 
 class TNOTModule(TesttimeModule):
     """The plain model against TNOT (srgen) and SLOT at every point of a (times, lr) sweep.
 
-    Defaults are the published recommended settings (REFERENCE.md section 2).
+    Defaults are the published recommended settings (SRGen, "Self-Reflective Generation at Test
+    Time": times=3, lr=0.01, entropy_weight=0.05, N=25, K=4, T=0.6).
 
     Args:
         model_name_or_path: the model (see `testtime.loading`).
@@ -165,73 +163,43 @@ class TNOTModule(TesttimeModule):
 
     def on_test_epoch_end(self) -> None:
         results = self.log_accuracies("test")
-        # prompts scored on all ranks (every rank takes part in the reduction)
-        n = int(self.trainer.strategy.reduce(torch.tensor(float(self._batch_offset), device=self.device),
-                                             reduce_op="sum"))
-        if not results or not self.trainer.is_global_zero:
+        n = self.problems_scored("test")  # a collective: every rank takes part
+        if not results:
             return
         results = {k.removeprefix("test/acc_"): v for k, v in results.items()}
         hp = self.hparams
         how = f"T={hp.temperature}, k={self.eval_num_samples}" if hp.temperature > 0 else "greedy"
-        table = format_table(results, n)
-        rank_zero_info(f"\nTNOT evaluation, {n} test problems, {how}:\n{table}")
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        os.makedirs(log_dir, exist_ok=True)
-        with open(os.path.join(log_dir, "test_results.json"), "w") as f:
-            json.dump({"n_problems": n, "temperature": hp.temperature, "k": self.eval_num_samples,
-                       "results": results}, f, indent=2)
-        with open(os.path.join(log_dir, "test_results.md"), "w") as f:
-            f.write(table + "\n")
-        written = ["test_results.md", "test_results.json"]
-        if plot_sweep(results, self.sweep(), n, os.path.join(log_dir, "test_sweep.png")):
-            written.append("test_sweep.png")
-        rank_zero_info(f"results written to {log_dir}: {', '.join(written)}")
+        self.write_results("test", results, n_problems=n, title=f"TNOT evaluation, {n} test problems, {how}:",
+                           payload={"temperature": hp.temperature, "k": self.eval_num_samples},
+                           figures={"test_sweep.png": sweep_figure(results, self.sweep(), n)})
+
+    def primary_setting(self) -> DecodingSetting:
+        """TNOT at the first point of the sweep."""
+        mode, times, lr = self.sweep()[0]
+        return self._setting(f"{mode}_t{times}_lr{lr:g}", mode, times, lr)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        """Completions with TNOT at the first point of the sweep, with their retries and stop positions."""
-        mode, times, lr = self.sweep()[0]
-        setting = self._setting(f"{mode}_t{times}_lr{lr:g}", mode, times, lr)
-        setting.num_samples = 1
-        completions = generate_completions(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
-                                           setting, max_new_tokens=self.eval_max_new_tokens,
-                                           seed=self.eval_seed + batch_idx)
-        answers = batch.get("answers", [None] * len(completions))
-        return [{"completion": c[0], "answer": a, "retries": r, "stop_positions": list(p)}
-                for c, a, r, p in zip(completions, answers, self.model.retries, self.model.stop_positions)]
+        """Completions with the primary setting, with their retries and stop positions."""
+        rows = super().predict_step(batch, batch_idx)
+        return [{**row, "retries": r, "stop_positions": list(p)}
+                for row, r, p in zip(rows, self.model.retries, self.model.stop_positions)]
+
+    # -- diagnostics (callbacks.EntropyDiagnostics) ------------------------------------------
+    def diagnostics_summary(self, stage: str, traces: list[dict]) -> dict:
+        return trace_summary(traces)
+
+    def diagnostics_figures(self, stage: str, traces: list[dict] | None = None, **_) -> dict:
+        if not traces:
+            return {}
+        return {f"{stage}_entropy_over_positions.png": entropy_over_positions(traces)}
 
     # `fit` is refused with a message saying why, instead of Lightning's "no training_step()"
     _NO_FIT = ("TNOTModule has nothing to train: the delta is fitted per prompt inside generate. "
                "Use `validate`, `test` or `predict`.")
 
     def training_step(self, batch, batch_idx):
-        raise RuntimeError(self._NO_FIT)
+        raise UsageError(self._NO_FIT)
 
     def configure_optimizers(self):
-        raise RuntimeError(self._NO_FIT)
+        raise UsageError(self._NO_FIT)
 
-
-def plot_sweep(results: dict[str, float], sweep: list[tuple[str, int, float]], n: int, path: str) -> bool:
-    """Accuracy over times, one line per (mode, lr), the plain model as a band (± 1 s.e.). False if nothing to draw."""
-    if "plain" not in results or not sweep:
-        return False
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    base = results["plain"]
-    se = math.sqrt(base * (1 - base) / n) if n else 0.0
-    ax.axhline(base, color="black", lw=1.5, label=f"plain {base:.3f}")
-    ax.axhspan(base - se, base + se, color="gray", alpha=0.2, label="plain ± 1 s.e.")
-    for mode, lr in sorted({(m, lr) for m, _, lr in sweep}):
-        points = sorted((t, results[f"{m}_t{t}_lr{lr:g}"]) for m, t, r in sweep if (m, r) == (mode, lr)
-                        and f"{m}_t{t}_lr{lr:g}" in results)
-        if points:
-            ax.plot(*zip(*points), "o-" if mode == "srgen" else "s--", label=f"{mode} lr={lr:g}")
-    ax.set_xlabel("optimization steps (times)")
-    ax.set_ylabel(f"accuracy (n={n})")
-    ax.set_title("TNOT / SLOT against the plain model")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return True

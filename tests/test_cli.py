@@ -1,5 +1,7 @@
 """The CLI as a user runs it: help, config printing, every tiny recipe, errors, export."""
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +17,13 @@ from tests.conftest import ROOT
 TINY_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("configs/*/tiny.yaml"))
 
 
-def test_help_lists_every_subcommand(run_cli):
+def test_help_describes_the_project_and_lists_every_subcommand(run_cli):
     out = run_cli("--help")
     assert out.returncode == 0, out.stderr
-    for sub in ("fit", "validate", "test", "predict", "export"):
-        assert sub in out.stdout
+    assert out.stdout.lstrip().startswith("usage:") and "testtime: train and evaluate test-time adaptation" in out.stdout
+    assert "Lightning Trainer command line tool" not in out.stdout
+    listed = re.search(r"\{([a-z,]+)\}", out.stdout).group(1).split(",")
+    assert listed == ["fit", "validate", "test", "predict", "export"]
 
 
 def test_print_config_links_model_name_into_data(run_cli):
@@ -47,10 +51,22 @@ EVALUATION_ONLY = {"configs/tnot/tiny.yaml"}  # methods with nothing to train ru
 
 
 @pytest.mark.parametrize("config", TINY_CONFIGS)
-def test_tiny_recipe_fast_dev_run(run_cli, config):
+def test_tiny_recipe_fast_dev_run(run_cli, config, tmp_path):
     subcommand = "test" if config in EVALUATION_ONLY else "fit"
-    out = run_cli(subcommand, "--config", str(ROOT / config), "--trainer.fast_dev_run=true")
+    out = run_cli(subcommand, "--config", str(ROOT / config), "--trainer.fast_dev_run=true",
+                  f"--trainer.default_root_dir={tmp_path / 'run'}")
     assert out.returncode == 0, out.stderr[-3000:]
+    printed = out.stdout + out.stderr
+    stage = "test" if subcommand == "test" else "val"
+    # the run ends with its table on the console and the same numbers in <stage>_results.json
+    saved = json.loads(next(tmp_path.rglob(f"{stage}_results.json")).read_text())
+    assert saved["results"], saved
+    digits = 4 if stage == "val" else 3  # the metrics table (val) and the accuracy table (test)
+    for name, value in saved["results"].items():
+        assert f"| {name} | {value:.{digits}f} |" in printed, (name, printed[-2000:])
+    # what every run printed before, although nothing is wrong
+    for noise in ("module(s) in eval mode", "💡 Tip", "LeafSpec", "Traceback", "Warning"):
+        assert noise not in printed, noise
 
 
 @pytest.mark.parametrize(
@@ -87,11 +103,28 @@ def test_fit_then_export_reloads_identical_weights(run_cli, tmp_path):
     assert changed, "fit did not change any weight: the export test would prove nothing"
 
 
-def test_export_with_missing_checkpoint_is_named(run_cli, tmp_path):
-    out = run_cli("export", "--config", str(ROOT / "configs/sft/tiny.yaml"), "--ckpt_path=nothing.ckpt",
-                  f"--output_dir={tmp_path}")
-    assert out.returncode != 0
-    assert "nothing.ckpt" in out.stderr
+@pytest.mark.parametrize(
+    "args, env, named",
+    [
+        (["fit", "--model.init_args.model_name_or_path=./no/such/model"], {}, "model path './no/such/model' does not exist"),
+        (["fit", "--model.init_args.model_name_or_path=someone/unknown-model"], {"HF_HUB_OFFLINE": "1"},
+         "the Hugging Face Hub is unreachable (HF_HUB_OFFLINE is set)"),
+        (["test", "--ckpt_path=nothing.ckpt"], {}, "nothing.ckpt"),
+        (["export", "--ckpt_path=nothing.ckpt", "--output_dir=out"], {}, "checkpoint 'nothing.ckpt' does not exist"),
+    ],
+)
+def test_runtime_errors_end_with_the_message_alone(run_cli, args, env, named):
+    out = run_cli(args[0], "--config", str(ROOT / "configs/sft/tiny.yaml"), *args[1:], env=env)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-2:]  # the message ends the output, nothing after it
+    assert last[0].startswith("error: ") and named in last[0] and "TESTTIME_TRACEBACK=1" in last[1], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_traceback_on_request(run_cli):
+    out = run_cli("fit", "--config", str(ROOT / "configs/sft/tiny.yaml"),
+                  "--model.init_args.model_name_or_path=./no/such/model", env={"TESTTIME_TRACEBACK": "1"})
+    assert out.returncode != 0 and "Traceback" in out.stderr and "ModelNotFoundError" in out.stderr
 
 
 def test_console_script_runs_the_same_cli(tmp_path):

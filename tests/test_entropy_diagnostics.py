@@ -1,14 +1,14 @@
-"""EntropyDiagnostics: JSON lines whose numbers match the tensors the module returned, plots, rank 0 only.
+"""EntropyDiagnostics: JSON lines whose numbers match the tensors the module returned, the module's
+own figures and trace summaries through the callback's small interface, rank 0 only.
 
 The module is a fake following the AutoDeco contract: with `collect_diagnostics` set,
 training_step returns {"loss", "diagnostics": {temperature, top_p, required_temperature, entropy}}
-(1-D tensors over the tokens in the loss).
+(1-D tensors over the tokens in the loss), and `diagnostics_figures` draws AutoDeco's figures.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from types import SimpleNamespace
 
 import lightning as L
@@ -19,7 +19,9 @@ from lightning.pytorch.loggers import CSVLogger
 
 from callbacks import EntropyDiagnostics
 from callbacks.entropy_diagnostics import _Reservoir
-from testtime.autodeco import IGNORE_INDEX, required_temperature
+from testtime.autodeco import required_temperature
+from testtime.autodeco_plots import training_figures
+from testtime.lm import IGNORE_INDEX
 
 V, L_SEQ, B = 16, 10, 4
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -45,6 +47,7 @@ class FakeAutoDeco(L.LightningModule):
         self.temp = torch.nn.Linear(V, 1)
         self.top_p = torch.nn.Linear(V, 1)
         self.returned = []  # the diagnostics dicts returned, in order
+        self.figure_calls = []  # what diagnostics_figures was given
 
     def training_step(self, batch, batch_idx):
         z, y = batch["logits"][:, :-1], batch["labels"][:, 1:]
@@ -64,6 +67,14 @@ class FakeAutoDeco(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def diagnostics_figures(self, stage, points=None, records=None, **_):
+        self.figure_calls.append((stage, points, records))
+        return training_figures(points, records, self.hparams.min_p_ratio)
+
+
+class NoFigures(FakeAutoDeco):
+    diagnostics_figures = None  # a method that draws nothing
 
 
 def fit(module, callbacks, tmp_path, max_steps=4, logger=False):
@@ -103,11 +114,11 @@ def test_json_lines_match_the_returned_tensors_and_plots_are_written(tmp_path):
         assert line["stats"]["top_p"]["max"] == pytest.approx(float(d["top_p"].max()), rel=1e-6)
         assert line["stats"]["required_temperature"]["q50"] == pytest.approx(float(t_req.quantile(0.5)), rel=1e-5)
         assert line["stats"]["entropy"]["q95"] == pytest.approx(float(h.quantile(0.95)), rel=1e-5)
-        assert line["min_p_ok_frac"] == pytest.approx(float((t >= t_req).float().mean()))
-        assert line["entropy_mean"] == pytest.approx(float(h.mean()), rel=1e-5)
-        assert line["min_p_ratio"] == 0.1
     assert [line["batch"] for line in lines] == [0, 2]
-    assert 0 < lines[0]["min_p_ok_frac"] < 1  # the check is informative on this data
+
+    # the module drew its own figures from exactly the lines written and the sampled points
+    (stage, points_given, records_given), = module.figure_calls[-1:]
+    assert stage == "fit" and records_given == lines and set(points_given) == set(module.hparams.names)
 
     names = {p.rsplit("/", 1)[-1] for p in callback.plot_paths}
     assert names == {"temperature_vs_required.png", "by_entropy.png", "over_steps.png"}
@@ -127,36 +138,31 @@ def test_json_lines_match_the_returned_tensors_and_plots_are_written(tmp_path):
     assert module.collect_diagnostics is False
 
 
-def test_default_folder_is_under_the_log_dir_and_other_ratios_rescale_t_req(tmp_path):
+def test_default_folder_is_under_the_log_dir_and_plots_false_draws_nothing(tmp_path):
     module = FakeAutoDeco(min_p_ratio=0.1)
     logger = CSVLogger(save_dir=str(tmp_path / "logs"), name="run")
-    callback = EntropyDiagnostics(min_p_ratio=0.01, plots=False)
+    callback = EntropyDiagnostics(plots=False)
     fit(module, [callback], tmp_path, max_steps=2, logger=logger)
     folder = tmp_path / "logs" / "run" / "version_0" / "diagnostics"
     lines = read_lines(folder / "diagnostics.jsonl")
-    assert len(lines) == 2 and callback.plot_paths == []
+    assert len(lines) == 2 and callback.plot_paths == [] and module.figure_calls == []
     assert not list(folder.glob("*.png"))
-    # T_req(r) = delta / -ln r: at r = 0.01 it is half of what it is at the module's 0.1
-    scale = math.log(0.1) / math.log(0.01)
-    for line, d in zip(lines, module.returned):
-        t, t_req = d["temperature"], d["required_temperature"] * scale
-        assert line["min_p_ratio"] == 0.01
-        assert line["stats"]["required_temperature"]["mean"] == pytest.approx(float(t_req.mean()), rel=1e-5)
-        assert line["min_p_ok_frac"] == pytest.approx(float((t >= t_req).float().mean()))
+    assert [line["stats"]["temperature"]["mean"] for line in lines] == pytest.approx(
+        [float(d["temperature"].mean()) for d in module.returned], rel=1e-5)
 
 
 def test_any_per_token_tensor_gets_statistics(tmp_path):
-    # a later method returning entropy alone: statistics, no min-p check, no temperature plot
-    module = FakeAutoDeco(names=("entropy",))
+    # a later method returning entropy alone and drawing no figures: statistics and points only
+    module = NoFigures(names=("entropy",))
     callback = EntropyDiagnostics(output_dir=str(tmp_path / "d"), every_n_steps=1)
     fit(module, [callback], tmp_path, max_steps=3)
     lines = read_lines(tmp_path / "d" / "diagnostics.jsonl")
     assert len(lines) == 3
     assert [set(line["stats"]) for line in lines] == [{"entropy"}] * 3
-    assert all("min_p_ok_frac" not in line for line in lines)
-    assert [line["entropy_mean"] for line in lines] == pytest.approx([float(d["entropy"].mean())
-                                                                      for d in module.returned], rel=1e-5)
-    assert [p.rsplit("/", 1)[-1] for p in callback.plot_paths] == ["over_steps.png"]
+    assert [line["stats"]["entropy"]["mean"] for line in lines] == pytest.approx(
+        [float(d["entropy"].mean()) for d in module.returned], rel=1e-5)
+    assert callback.plot_paths == [] and sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "diagnostics.jsonl", "points.npz"]
 
 
 def _stub_trainer(rank0: bool, step: int = 0):
@@ -213,7 +219,7 @@ def test_scalars_and_bool_tensors_get_statistics_without_breaking_the_points(tmp
         out["diagnostics"].update(min_p_ok=t >= t_req, batch_loss=torch.tensor(0.5 + i))
         callback.on_train_batch_end(trainer, module, out, None, i)
         line = callback.records[-1]
-        assert line["stats"]["min_p_ok"]["mean"] == pytest.approx(line["min_p_ok_frac"])
+        assert line["stats"]["min_p_ok"]["mean"] == pytest.approx(float((t >= t_req).float().mean()))
         assert line["stats"]["batch_loss"] == {"n": 1, "mean": 0.5 + i, "std": 0.0, "min": 0.5 + i,
                                                "max": 0.5 + i, "q05": 0.5 + i, "q50": 0.5 + i, "q95": 0.5 + i}
         assert line["tokens"] == 50
@@ -221,3 +227,51 @@ def test_scalars_and_bool_tensors_get_statistics_without_breaking_the_points(tmp
     points = np.load(tmp_path / "d" / "points.npz")
     assert len(points["temperature"]) == 100 and "batch_loss" not in points
     assert np.array_equal(points["min_p_ok"] == 1, points["temperature"] >= points["required_temperature"])
+
+
+class FakeGenerator(L.LightningModule):
+    """A generation method: test_step returns one trace per sample; it summarizes and draws them."""
+
+    def __init__(self, summary: bool = True):
+        super().__init__()
+        self.collect_diagnostics = False
+        self.layer = torch.nn.Linear(1, 1)
+        if not summary:
+            self.diagnostics_summary = None
+
+    def test_step(self, batch, batch_idx):
+        if not self.collect_diagnostics:
+            return None
+        return {"traces": [{"setting": "plain", "problem": batch_idx, "entropy": batch.tolist()}]}
+
+    def diagnostics_summary(self, stage, traces):
+        return {"stage": stage, "samples": len(traces), "tokens": sum(len(t["entropy"]) for t in traces)}
+
+    def diagnostics_figures(self, stage, traces=None, **_):
+        from testtime.io import new_figure
+
+        fig, (ax,) = new_figure()
+        for t in traces:
+            ax.plot(t["entropy"])
+        return {f"{stage}_entropy.png": fig}
+
+
+@pytest.mark.parametrize("summary", [True, False])
+def test_traces_are_written_with_the_modules_summary_and_figures(tmp_path, summary):
+    module = FakeGenerator(summary)
+    callback = EntropyDiagnostics(output_dir=str(tmp_path / "d"))
+    data = [torch.tensor([0.5, 1.5, 2.0]), torch.tensor([1.0, 0.25])]
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[callback], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.test(module, torch.utils.data.DataLoader(data, batch_size=None))
+    traces = read_lines(tmp_path / "d" / "test_traces.jsonl")
+    assert traces == [{"setting": "plain", "problem": i, "entropy": d.tolist()} for i, d in enumerate(data)]
+    written = sorted(p.name for p in (tmp_path / "d").iterdir())
+    if summary:
+        assert written == ["test_entropy.png", "test_trace_summary.json", "test_traces.jsonl"]
+        assert json.loads((tmp_path / "d" / "test_trace_summary.json").read_text()) == {
+            "stage": "test", "samples": 2, "tokens": 5}
+    else:
+        assert written == ["test_entropy.png", "test_traces.jsonl"]
+    assert_png(tmp_path / "d" / "test_entropy.png")
+    assert module.collect_diagnostics is False  # restored after test

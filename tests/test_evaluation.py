@@ -7,14 +7,14 @@ import re
 import pytest
 import torch
 
-from datamodules.common import PadCollator, encode_prompt
+from datamodules.common import PadCollator
+from testtime.lm import encode_prompt
 from testtime.evaluation import (
     AnswerAccuracy,
     DecodingSetting,
     default_sampling,
     evaluate,
     extract_answer,
-    format_table,
     generate_completions,
     greedy,
     is_correct,
@@ -22,6 +22,7 @@ from testtime.evaluation import (
     sampling,
     sweep_settings,
 )
+from testtime.io import format_table
 from testtime.tasks import make_problems, prompt_messages
 
 
@@ -110,13 +111,6 @@ def test_settings():
         DecodingSetting("bad", True, top_p=1.5)
     with pytest.raises(ValueError):
         DecodingSetting("bad", False, num_samples=0)
-
-
-def test_format_table():
-    table = format_table({"greedy": 0.5, "sample_T1_p1": 1.0}, 100)
-    lines = table.splitlines()
-    assert len(lines) == 4 and "n=100" in lines[0]
-    assert "| greedy | 0.500 | 0.050 |" in lines
 
 
 # --- decoding on the tiny model ---------------------------------------------------------------

@@ -15,7 +15,8 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from callbacks import GoldilocksFilter
-from testtime.autodeco import IGNORE_INDEX, goldilocks_mask, label_rank, min_p_hinge_loss, required_temperature
+from testtime.lm import IGNORE_INDEX
+from testtime.autodeco import goldilocks_mask, label_rank, min_p_hinge_loss, required_temperature
 
 V, L_SEQ, B = 16, 12, 4
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
-import torch
 
 from datamodules.prompts import PromptDataModule
 from testtime.lm import encode_prompt
@@ -82,6 +82,21 @@ def test_message_prompts_from_a_json_array(tiny_model_dir, tokenizer, tmp_path):
     assert rows([batch]) == [encode_prompt(tokenizer, c) for c in conversations]
     assert tokenizer.decode(rows([batch])[1]).endswith("And 2 + 2?<|im_end|>\n<|im_start|>assistant\n")
     assert batch["prompts"] == conversations and batch["ids"] == ["a", 7] and batch["answers"] == ["42", "4"]
+
+
+def test_max_history_turns_keeps_the_last_messages_and_the_system_message(tiny_model_dir, tokenizer, tmp_path,
+                                                                           caplog):
+    turns = [{"role": r, "content": f"turn {i}"} for i, r in enumerate(["user", "assistant"] * 3 + ["user"])]
+    system = [{"role": "system", "content": "Be brief."}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": system + turns}, {"messages": turns[-2:]}])
+    dm = PromptDataModule(tiny_model_dir, str(path), max_history_turns=5)
+    with caplog.at_level(logging.INFO):
+        (batch,) = batches_of(dm, "predict")
+    assert rows([batch]) == [encode_prompt(tokenizer, system + turns[-5:]), encode_prompt(tokenizer, turns[-2:])]
+    assert "kept the last 5 messages of 1 conversation(s)" in caplog.text
+    assert batch["prompts"][0] == system + turns  # as given in the file
+    with pytest.raises(ValueError, match="max_history_turns must be positive"):
+        PromptDataModule(tiny_model_dir, str(path), max_history_turns=0)
 
 
 def test_system_prompt_is_prepended(tiny_model_dir, tokenizer, qa_file, tmp_path):

@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 
-from datamodules.common import IGNORE_INDEX, tokenize_prompt_completion
+from datamodules.common import tokenize_prompt_completion
+from testtime.lm import IGNORE_INDEX
 from testtime.evaluation import extract_answer, rejection_sample
 from testtime.tasks import Problem, make_problems, prompt_messages
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from datamodules.common import IGNORE_INDEX
+from testtime.lm import IGNORE_INDEX
 from datamodules.sft import SFTDataModule
 
 PC_RECORDS = [{"prompt": f"Question {i}: what is {i} + {i}?", "completion": f" It is {2 * i}."} for i in range(12)]

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from datamodules.common import IGNORE_INDEX
+from testtime.lm import IGNORE_INDEX
 from testtime.tasks import KINDS, Problem, kinds_for, make_problems, make_splits, prompt_messages, space_size
 
 ARITHMETIC = re.compile(r"^What is (\d+) ([-+*]) (\d+)\?$")

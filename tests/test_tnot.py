@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from testtime import tnot
+from testtime.lm import entropy
 from testtime.tiny import FAMILIES, build_tiny_model
 from testtime.tnot import (
     TNOTConfig,
@@ -14,7 +15,6 @@ from testtime.tnot import (
     chunked_prompt_ce,
     enable_tnot,
     enable_tnot_model,
-    entropy_of,
     prompt_labels,
 )
 
@@ -334,7 +334,7 @@ def test_sampling_records_entropy(tokenizer, tmp_path):
     # at temperature 0.6 the entropy is below the entropy at temperature 1
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
-    assert (entropy_of(logits, 0.6) < entropy_of(logits)).all()
+    assert (entropy(logits, 0.6) < entropy(logits)).all()
 
 
 def test_slot_records_entropy_with_and_without_delta(tokenizer, tmp_path):
@@ -354,8 +354,8 @@ def test_slot_records_entropy_with_and_without_delta(tokenizer, tmp_path):
         hidden = model.get_decoder()(input_ids=out[:, :-1], attention_mask=torch.cat(
             [mask, torch.ones(2, 3, dtype=mask.dtype)], 1))[0][:, ids.shape[1] - 1:]
         head = model.get_output_embeddings()
-        plain = entropy_of(head(hidden))
-        shifted = entropy_of(head(hidden + model.delta))
+        plain = entropy(head(hidden))
+        shifted = entropy(head(hidden + model.delta))
     for r in records:
         assert r["entropy"] == pytest.approx(float(shifted[r["sample"], r["step"]]), abs=1e-4)
         assert r["entropy_original"] == pytest.approx(float(plain[r["sample"], r["step"]]), abs=1e-4)
@@ -425,5 +425,3 @@ def test_generate_arguments_as_hf_resolves_them(tokenizer):
         model.generate(**kw, max_new_tokens=6, num_return_sequences=2)
 
 
-def test_entropy_of_uniform():
-    assert entropy_of(torch.zeros(1, 8)).item() == pytest.approx(torch.log(torch.tensor(8.0)).item(), abs=1e-5)

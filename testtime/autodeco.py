@@ -11,9 +11,9 @@ Read top to bottom:
 2. `AutoDecoModel`, the frozen base plus heads;
 3. the losses: legacy temperature CE, soft top-p, and the temperature-first extension
    (`required_temperature`, `min_p_hinge_loss`, `goldilocks_mask`);
-4. generation with HF `generate` (`HeadsLMHead`, `AutoDecoLogitsProcessor`, `autodeco_generate`);
-5. export in the original checkpoint format (`save_autodeco`, `load_autodeco`,
-   `merge_autodeco`, `split_autodeco`).
+4. generation with HF `generate` (`HeadsLMHead`, `AutoDecoLogitsProcessor`, `autodeco_generate`).
+The original checkpoint format (`save_autodeco`, `load_autodeco`, `merge_autodeco`,
+`split_autodeco`) lives in `testtime/autodeco_export.py`; the figures in `testtime/autodeco_plots.py`.
 
 Alignment convention of every loss: tensors are ALIGNED, i.e. position i of `logits`,
 `temperature` and `top_p` predicts `labels[i]`. With model outputs over `input_ids` and HF-style
@@ -26,8 +26,6 @@ import contextlib
 import copy
 import json
 import math
-import os
-import shutil
 import weakref
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,12 +34,11 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import LogitsProcessor
 
-IGNORE_INDEX = -100
-HEADS_FILE = "model.safetensors"
+from testtime.io import atomic_write_text
+from testtime.lm import IGNORE_INDEX
+
 CONFIG_FILE = "config.json"
 
 # ---------------------------------------------------------------------------------------------
@@ -190,8 +187,7 @@ class AutoDecoConfig:
         )
 
     def save(self, folder) -> None:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(Path(folder) / CONFIG_FILE, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, folder) -> "AutoDecoConfig":
@@ -270,14 +266,6 @@ class AutoDecoModel(nn.Module):
             base_config=base_cfg,
         )
 
-    @classmethod
-    def from_base(cls, name_or_path: str, dtype=torch.float32, device="cpu", **head_kwargs):
-        """Load the base through `testtime.loading` and wrap it; returns (model, tokenizer)."""
-        from testtime.loading import load_model_and_tokenizer
-
-        llm, tokenizer = load_model_and_tokenizer(name_or_path, dtype=dtype, device=device)
-        return cls(llm, base_model_name_or_path=str(name_or_path), **head_kwargs), tokenizer
-
     def train(self, mode: bool = True):
         super().train(mode)
         self.llm.eval()  # the base is frozen: no dropout, whatever mode the wrapper is in
@@ -303,6 +291,9 @@ class AutoDecoModel(nn.Module):
         return autodeco_generate(self.llm, self, input_ids, attention_mask, **kwargs)
 
     def save_pretrained(self, output_dir) -> None:
+        """The original format (config.json + heads-only model.safetensors); see `testtime.autodeco_export`."""
+        from testtime.autodeco_export import save_autodeco  # the export module builds on this one
+
         save_autodeco(output_dir, self.temp_head, self.top_p_head, self.config)
 
 
@@ -478,18 +469,6 @@ def goldilocks_mask(logits, labels, min_p_ratio: float = 0.1, temp_cap: float | 
         for b in torch.nonzero(counts > smallest).flatten().tolist():
             keep = _keep_random(keep, keep & (bins == b), smallest, generator)
     return keep
-
-
-def min_p_diagnostics(logits, temperature, labels, min_p_ratio: float = 0.1, mask=None) -> dict:
-    """Scalars worth logging for the hinge objective: mean T, mean T_req, and the fraction of
-    selected tokens whose label survives min-p at the predicted T (T >= T_req)."""
-    selected = _selected(labels, mask)
-    with torch.no_grad():
-        t = temperature.detach()[selected].float()
-        t_req = required_temperature(logits, labels, min_p_ratio)[selected]
-        n = max(int(selected.sum()), 1)
-        return {"temperature": float(t.sum() / n), "required_temperature": float(t_req.sum() / n),
-                "min_p_ok": float((t >= t_req).sum() / n), "tokens": int(selected.sum())}
 
 
 def training_losses(output: AutoDecoOutput, labels, objective: str = "legacy_ce", mask=None, generator=None,
@@ -801,196 +780,10 @@ def autodeco_generate(model, heads, input_ids, attention_mask=None, user_tempera
     return AutoDecoGeneration(sequences, temperature, top_p)
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. Export in the original format
-# ---------------------------------------------------------------------------------------------
-
-_HEAD_PREFIXES = ("temp_head.", "top_p_head.")
-
-
-def save_autodeco(output_dir, temp_head, top_p_head, config: AutoDecoConfig) -> None:
-    """Write `config.json` and a heads-only `model.safetensors` (keys `temp_head.mlp.0.weight`...)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for prefix, head in (("temp_head.", temp_head), ("top_p_head.", top_p_head)):
-        if head is not None:
-            tensors.update({prefix + k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
-    config = copy.copy(config)
-    config.enable_temperature_head = temp_head is not None
-    config.enable_top_p_head = top_p_head is not None
-    if temp_head is not None:
-        config.hidden_size = temp_head.mlp[0].in_features
-    elif top_p_head is not None:
-        config.hidden_size = top_p_head.hidden_size
-    save_file(tensors, str(out / HEADS_FILE), metadata={"format": "pt"})
-    config.save(out)
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / f"{HEADS_FILE}.index.json"
-    if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (folder / HEADS_FILE).is_file():
-        return [folder / HEADS_FILE]
-    raise FileNotFoundError(f"no {HEADS_FILE} (or its index) in {folder}")
-
-
-def _read_tensors(folder: Path, prefixes: tuple[str, ...]) -> dict:
-    """Tensors whose key starts with one of `prefixes`, read lazily from (sharded) safetensors."""
-    tensors = {}
-    for file in _weight_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(prefixes):
-                    tensors[key] = f.get_tensor(key)
-    return tensors
-
-
-def _has_base_weights(folder: Path) -> bool:
-    for file in _weight_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            if any(k.startswith("llm.") for k in f.keys()):
-                return True
-    return False
-
-
-def _check_hidden_size(heads: dict, config: AutoDecoConfig, llm: nn.Module, where) -> None:
-    """Refuse heads whose input width differs from the base model's final hidden state."""
-    size = head_input_size(llm)
-    extra = {"temp_head.mlp.0.weight": 0, "top_p_head.mlp.0.weight": 5 if config.use_enhanced_features else 1}
-    for key, n_extra in extra.items():
-        if key in heads and heads[key].shape[1] - n_extra != size:
-            name = getattr(llm, "name_or_path", "") or type(llm).__name__
-            raise ValueError(f"AutoDeco heads in {where} were trained for hidden size {heads[key].shape[1] - n_extra}, "
-                             f"but the base model {name} has hidden size {size}")
-
-
-def _build_base_from_merged(folder: Path, config: AutoDecoConfig):
-    """The base model of a merged folder, built from the base config stored in config.json."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    base = dict(config.base_config)
-    model_type = base.pop("model_type", config.base_model_type)
-    base.pop("transformers_version", None)
-    weights = {k[len("llm."):]: v for k, v in _read_tensors(folder, ("llm.",)).items()}
-    dtype = next((v.dtype for v in weights.values() if v.is_floating_point()), torch.float32)
-    llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **base), dtype=dtype)
-    llm.load_state_dict(weights, strict=True)
-    return llm.eval()
-
-
-def load_autodeco(path, model=None, dtype=torch.float32, device="cpu", return_tokenizer: bool = False):
-    """An `AutoDecoModel` from a heads-only or merged AutoDeco folder.
-
-    model: an HF causal LM to put the heads on, a name/path for `testtime.loading`, or None:
-    then a merged folder supplies its own base weights and a heads-only folder loads
-    `config.base_model_name_or_path`. Raises ValueError when the heads' hidden size does not
-    match the base model's.
-    """
-    from testtime.loading import load_model_and_tokenizer, load_tokenizer
-
-    folder = Path(path)
-    config = AutoDecoConfig.load(folder)
-    heads = _read_tensors(folder, _HEAD_PREFIXES)
-    tokenizer = None
-    if model is None and _has_base_weights(folder):
-        model = _build_base_from_merged(folder, config).to(device)
-        if return_tokenizer:
-            tokenizer = load_tokenizer(folder)
-    elif model is None or isinstance(model, (str, os.PathLike)):
-        name = model or config.base_model_name_or_path
-        if not name:
-            raise ValueError(f"{folder}/{CONFIG_FILE} names no base_model_name_or_path; pass model=")
-        model, tokenizer = load_model_and_tokenizer(name, dtype=dtype, device=device)
-    _check_hidden_size(heads, config, model, folder / HEADS_FILE)
-    width = next((v.shape[0] for k, v in heads.items() if k.endswith("mlp.0.weight")), config.head_width)
-    wrapper = AutoDecoModel(model, config.enable_temperature_head, config.enable_top_p_head,
-                            config.use_enhanced_features, width, config.base_model_name_or_path)
-    wrapper.config.base_config = config.base_config or wrapper.config.base_config
-    wanted = wrapper.heads_state_dict().keys()
-    missing = [k for k in wanted if k not in heads]
-    if missing:
-        raise ValueError(f"{folder / HEADS_FILE} lacks head weights {missing}")
-    # Published files hold both heads even when one is disabled: load only the enabled ones.
-    wrapper.load_state_dict({k: heads[k] for k in wanted}, strict=False)
-    wrapper.to(device)
-    return (wrapper, tokenizer) if return_tokenizer else wrapper
-
-
-def _unshared(state: dict) -> dict:
-    """Clone tensors that share storage (tied embeddings): safetensors refuses shared tensors."""
-    seen, out = set(), {}
-    for key, value in state.items():
-        ptr = (value.untyped_storage().data_ptr(), value.storage_offset())
-        out[key] = value.clone() if ptr in seen else value
-        seen.add(ptr)
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def _save_sharded(tensors: dict, folder: Path, max_shard_size) -> None:
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    split = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
-    for file, keys in split.filename_to_tensors.items():
-        save_file({k: tensors[k] for k in keys}, str(folder / file), metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (folder / f"{HEADS_FILE}.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def merge_autodeco(heads_dir, output_dir, model=None, dtype="auto", max_shard_size="5GB") -> None:
-    """One serving checkpoint: base weights prefixed `llm.` plus the heads, config and tokenizer.
-
-    The base comes from `model` (module or name) or the config's `base_model_name_or_path`,
-    loaded in its checkpoint dtype by default.
-    """
-    from testtime.loading import load_model_and_tokenizer
-
-    heads_dir, out = Path(heads_dir), Path(output_dir)
-    config = AutoDecoConfig.load(heads_dir)
-    heads = _read_tensors(heads_dir, _HEAD_PREFIXES)
-    tokenizer = None
-    if model is None or isinstance(model, (str, os.PathLike)):
-        name = model or config.base_model_name_or_path
-        if not name:
-            raise ValueError(f"{heads_dir}/{CONFIG_FILE} names no base_model_name_or_path; pass model=")
-        model, tokenizer = load_model_and_tokenizer(name, dtype=dtype)
-    _check_hidden_size(heads, config, model, heads_dir / HEADS_FILE)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {"llm." + k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tensors = _unshared(tensors)
-    tensors.update(heads)
-    _save_sharded(tensors, out, max_shard_size)
-    config = copy.copy(config)
-    config.base_config = model.config.to_dict()
-    config.base_model_type = model.config.model_type
-    config.save(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out)
-
-
-def split_autodeco(merged_dir, output_dir) -> None:
-    """Back from a merged checkpoint to a heads-only folder (config, heads, tokenizer files)."""
-    merged, out = Path(merged_dir), Path(output_dir)
-    config = AutoDecoConfig.load(merged)
-    heads = _read_tensors(merged, _HEAD_PREFIXES)  # lazily: the base weights are never loaded
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(heads, str(out / HEADS_FILE), metadata={"format": "pt"})
-    config.save(out)
-    for file in merged.iterdir():
-        if file.is_file() and not (file.name.endswith(".safetensors") or file.name.endswith(".index.json")
-                                   or file.name == CONFIG_FILE):
-            shutil.copy2(file, out / file.name)
-
-
 __all__ = [
     "AutoDecoConfig", "AutoDecoGeneration", "AutoDecoLogitsProcessor", "AutoDecoModel", "AutoDecoOutput",
     "HeadsLMHead", "TempHead", "TopPHead", "autodeco_generate", "capture_lm_head", "goldilocks_mask",
-    "head_input_size", "install_heads_lm_head", "label_rank", "load_autodeco", "merge_autodeco", "min_p_diagnostics",
-    "min_p_hinge_loss", "predict_heads", "prob_stats", "required_temperature", "save_autodeco",
-    "shift_for_next_token", "soft_top_p_loss", "split_autodeco", "temperature_loss", "training_losses", "warp_logits",
+    "head_input_size", "install_heads_lm_head", "label_rank", "min_p_hinge_loss", "predict_heads", "prob_stats",
+    "required_temperature", "shift_for_next_token", "soft_top_p_loss", "temperature_loss", "training_losses",
+    "warp_logits",
 ]

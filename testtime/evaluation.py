@@ -31,7 +31,6 @@ test-time optimization of a prefix or of weights - plugs in by passing `generate
 
 from __future__ import annotations
 
-import math
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ import torch
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from testtime.lm import encode_prompt, pad
+from testtime.lm import cut_at_eos, encode_prompt, eos_token_ids, left_pad
 from testtime.tasks import Problem, prompt_messages
 
 GenerateFn = Callable[..., torch.Tensor]
@@ -170,14 +169,6 @@ def pick_best(results: dict[str, float], settings: Sequence[DecodingSetting]) ->
     return max(scored, key=lambda s: results[s.name])  # max keeps the first of equal keys
 
 
-def eos_ids(model, tokenizer) -> set[int]:
-    """Token ids that end a completion: the tokenizer's EOS and the generation config's."""
-    ids = {tokenizer.eos_token_id}
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
-    return {i for i in ids if i is not None}
-
-
 def _seeded(seed: int | None, device: torch.device):
     """Seed torch's RNG (CPU and `device`) for the block and restore it afterwards; no-op for None."""
     if seed is None:
@@ -210,11 +201,9 @@ def generate_completions(model, tokenizer, input_ids: torch.Tensor, attention_ma
     if sequences.shape[0] != batch * k or sequences.shape[1] < prompt_len:
         raise ValueError(f"{setting.name}: generate_fn returned shape {tuple(sequences.shape)} for "
                          f"{batch * k} prompts of length {prompt_len}; it must return prompt + continuation")
-    eos = eos_ids(model, tokenizer)
-    texts = []
-    for row in sequences[:, prompt_len:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    eos = eos_token_ids(model, tokenizer)
+    texts = [tokenizer.decode(cut_at_eos(row, eos), skip_special_tokens=True).strip()
+             for row in sequences[:, prompt_len:].tolist()]
     return [texts[i * k:(i + 1) * k] for i in range(batch)]
 
 
@@ -238,10 +227,9 @@ def evaluate(model, tokenizer, problems: Sequence[Problem], settings: DecodingSe
     batches = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
-        prompts = [encode_prompt(tokenizer, prompt_messages(p)) for p in chunk]
-        ids = pad(prompts, tokenizer.pad_token_id, side="left")
-        mask = pad([[1] * len(p) for p in prompts], 0, side="left")
-        batches.append((ids.to(device), mask.to(device), [p.answer for p in chunk]))
+        ids, mask = left_pad([encode_prompt(tokenizer, prompt_messages(p)) for p in chunk], tokenizer.pad_token_id,
+                             device)
+        batches.append((ids, mask, [p.answer for p in chunk]))
 
     results: dict[str, float] = {}
     was_training = model.training
@@ -259,15 +247,6 @@ def evaluate(model, tokenizer, problems: Sequence[Problem], settings: DecodingSe
         bar.close()
         model.train(was_training)
     return results
-
-
-def format_table(results: dict[str, float], n_problems: int) -> str:
-    """A markdown table of accuracies with the binomial standard error over `n_problems`."""
-    lines = [f"| decoding | accuracy (n={n_problems}) | ± s.e. |", "|---|---:|---:|"]
-    for name, accuracy in results.items():
-        se = math.sqrt(accuracy * (1 - accuracy) / n_problems) if n_problems > 0 else float("nan")
-        lines.append(f"| {name} | {accuracy:.3f} | {se:.3f} |")
-    return "\n".join(lines)
 
 
 def rejection_sample(model, tokenizer, problems: Sequence[Problem], k: int = 4, temperature: float = 1.0,
@@ -305,7 +284,7 @@ def rejection_sample(model, tokenizer, problems: Sequence[Problem], k: int = 4, 
 
     setting = sampling(temperature, top_p, k, capturing)  # validates k, temperature and top_p
     device = _model_device(model)
-    eos = eos_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
     records: list[dict[str, Any]] = []
     stats = {"problems": len(problems), "samples": 0, "correct": 0, "kept": 0, "kept_unfinished": 0,
              "problems_with_none": 0}
@@ -315,9 +294,8 @@ def rejection_sample(model, tokenizer, problems: Sequence[Problem], k: int = 4, 
     try:
         for i, start in enumerate(range(0, len(problems), batch_size)):
             chunk = problems[start:start + batch_size]
-            prompts = [encode_prompt(tokenizer, prompt_messages(p)) for p in chunk]
-            ids = pad(prompts, tokenizer.pad_token_id, side="left").to(device)
-            mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(device)
+            ids, mask = left_pad([encode_prompt(tokenizer, prompt_messages(p)) for p in chunk],
+                                 tokenizer.pad_token_id, device)
             completions = generate_completions(model, tokenizer, ids, mask, setting, max_new_tokens, seed + i)
             finished = [any(t in eos for t in row) for row in captured[0][:, ids.shape[1]:].tolist()]
             for j, (problem, samples) in enumerate(zip(chunk, completions)):

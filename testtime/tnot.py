@@ -11,7 +11,9 @@ final hidden state (the input of `lm_head`). It is fitted on the prompt with nex
   generated, fits `delta_high` with `(1 - w) * CE + w * entropy(last position)` and applies it
   to the one token after the high-entropy point. Up to `max_retries` retries.
 
-Done right where the originals were not (REFERENCE.md section 2):
+Papers: SRGen, "Self-Reflective Generation at Test Time" (2025), and SLOT, "Sample-specific
+Language Model Optimization at Test-time" (2025).
+Done right where the original code was not:
 - the transformer body runs once per prefill (the normal one, which fills the KV cache); each
   optimization step recomputes only `lm_head(h + delta)` over the prompt positions;
 - `lm_head` weights are frozen during the optimization (no vocab x hidden gradient);
@@ -46,6 +48,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from testtime.lm import IGNORE_INDEX, cut_at_eos, entropy, eos_token_ids, pad
 
 MODES = ("slot", "srgen")
 
@@ -131,17 +135,11 @@ def adaptive_threshold(history, n: int, k: float, static: float) -> float:
     return max(float(window.mean()) + k * max(float(window.std()), 0.5), 1.8)
 
 
-def entropy_of(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy (nats) of softmax(logits / temperature) over the last dim, in float32."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def prompt_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Next-token labels for positions 0..T-2 ([B, T-1]); -100 where either side is padding."""
     labels = input_ids[:, 1:].clone()
     if attention_mask is not None:
-        labels[(attention_mask[:, 1:] == 0) | (attention_mask[:, :-1] == 0)] = -100
+        labels[(attention_mask[:, 1:] == 0) | (attention_mask[:, :-1] == 0)] = IGNORE_INDEX
     return labels
 
 
@@ -155,16 +153,16 @@ def chunked_prompt_ce(head: nn.Module, hidden: torch.Tensor, delta: torch.Tensor
     delta gradient independent of the others in the batch.
     """
     hidden = hidden[:, :-1]
-    counts = (labels != -100).sum(1).clamp(min=1).float()  # [B]
+    counts = (labels != IGNORE_INDEX).sum(1).clamp(min=1).float()  # [B]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[1], chunk):
         h = hidden[:, start:start + chunk]
         y = labels[:, start:start + chunk]
-        if not (y != -100).any():
+        if not (y != IGNORE_INDEX).any():
             continue
         logits = head((h.float() + delta).to(h.dtype)).float()
         # rows of (position, vocab): CE over a transposed [B, V, c] view is ~100x slower on a GPU
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
                              reduction="none").view(y.shape)  # [B, c]
         part = (ce.sum(1) / counts).sum()
         if backward:
@@ -214,7 +212,7 @@ def _config_ids(model, name: str) -> list[int]:
 
 
 def _eos_id(model) -> int:
-    eos = _config_ids(model, "eos_token_id")
+    eos = eos_token_ids(model, getattr(model, "tokenizer", None))
     if not eos:
         raise ValueError("TNOT entropy control needs an eos_token_id in the generation config or model config")
     return eos[0]
@@ -264,7 +262,7 @@ def _fit_delta(model, hidden, input_ids, attention_mask, reflect: bool) -> torch
     labels = prompt_labels(input_ids, attention_mask).to(hidden.device)
     if cfg.mask_special_tokens:
         special = torch.tensor(sorted(_special_ids(model)), dtype=labels.dtype, device=labels.device)
-        labels[torch.isin(labels, special)] = -100  # a prompt of only special tokens gives a zero loss, not NaN
+        labels[torch.isin(labels, special)] = IGNORE_INDEX  # a prompt of only special tokens gives a zero loss, not NaN
     w = cfg.entropy_weight if reflect else 0.0
     opt = torch.optim.AdamW([delta], lr=cfg.lr, weight_decay=1e-8, eps=1e-5)
     params = list(head.parameters())
@@ -279,7 +277,7 @@ def _fit_delta(model, hidden, input_ids, attention_mask, reflect: bool) -> torch
             if w > 0:
                 last = hidden[:, -1:]
                 logits = head((last.float() + delta).to(last.dtype))[:, -1]
-                (w * entropy_of(logits, model._tnot.temperature).sum()).backward()
+                (w * entropy(logits, model._tnot.temperature).sum()).backward()
             opt.step()
     finally:
         for p, r in zip(params, saved):
@@ -349,12 +347,12 @@ def _head_hook(model):
         if st.busy or not st.in_generate or not (cfg.entropy_control or cfg.record_entropy):
             return None
         logits = output
-        ent = entropy_of(logits[:, -1].detach(), st.temperature)  # [B]
+        ent = entropy(logits[:, -1].detach(), st.temperature)  # [B]
         ent_original = None
         if st.unshifted is not None:  # a delta was added to this call's input: entropy without it too
             st.busy = True
             try:
-                ent_original = entropy_of(module(st.unshifted)[:, -1].detach(), st.temperature)
+                ent_original = entropy(module(st.unshifted)[:, -1].detach(), st.temperature)
             finally:
                 st.busy, st.unshifted = False, None
         eos = _eos_id(model) if cfg.entropy_control else None
@@ -425,10 +423,6 @@ def _model_pre_hook(model):
     return pre_hook
 
 
-def _eos_ids(model) -> set:
-    return set(_config_ids(model, "eos_token_id"))
-
-
 def _generate_pass(model, input_ids, attention_mask, rows, kwargs, stage="first", past=None, context_hidden=None,
                    keep_hidden=False, retry=0, limits=None):
     """One call of the original generate with the hooks armed (`stage`: see `_State.stage`).
@@ -452,10 +446,10 @@ def _generate_pass(model, input_ids, attention_mask, rows, kwargs, stage="first"
     st.context_hidden = context_hidden
     st.hidden_log = [] if keep_hidden else None
     st.in_generate = True
-    model._tnot_eos_ids = _eos_ids(model)
+    model._tnot_eos_ids = set(eos_token_ids(model, getattr(model, "tokenizer", None)))
     extra = {"return_dict_in_generate": True}
     if past is not None:
-        extra["past_key_values"] = past
+        extra["cache"] = past
         kwargs = {k: v for k, v in kwargs.items() if k != "cache_implementation"}  # the cache is given
     try:
         out = model._tnot_original_generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs, **extra)
@@ -470,7 +464,7 @@ def _generate_pass(model, input_ids, attention_mask, rows, kwargs, stage="first"
         hidden = torch.cat([h.to(parts[-1].dtype) for h in parts], dim=1)
     st.hidden_log = None
     seqs = out.sequences if hasattr(out, "sequences") else out
-    cache = getattr(out, "past_key_values", None)
+    cache = getattr(out, "cache", None)
     return seqs[:, input_ids.shape[1]:], cache, hidden
 
 
@@ -508,13 +502,6 @@ def _max_new_tokens(kwargs: dict, gen_cfg, width: int) -> int:
     return 20
 
 
-def _first_eos_cut(row: torch.Tensor, eos_ids: set) -> torch.Tensor:
-    for j, t in enumerate(row.tolist()):
-        if t in eos_ids:
-            return row[: j + 1]
-    return row
-
-
 def _tnot_generate(model):
     original = model.generate
 
@@ -524,8 +511,8 @@ def _tnot_generate(model):
             input_ids = kwargs.pop("inputs")
         if kwargs.pop("return_dict_in_generate", False):
             raise ValueError("TNOT generate returns the token ids only (return_dict_in_generate is not supported)")
-        if "past_key_values" in kwargs:
-            raise ValueError("TNOT generate starts from a prompt; past_key_values is not supported")
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise ValueError("TNOT generate starts from a prompt; a cache (past_key_values) is not supported")
         gen_cfg = kwargs.get("generation_config", model.generation_config)
         for name in ("num_return_sequences", "num_beams"):
             value = kwargs.get(name, getattr(gen_cfg, name, 1)) or 1
@@ -553,14 +540,14 @@ def _tnot_generate(model):
             return torch.cat([input_ids, new], dim=1)
 
         eos = _eos_id(model)
-        eos_ids = _eos_ids(model) | {eos}
-        pad = _pad_id(model, eos)
+        eos_ids = model._tnot_eos_ids
+        pad_id = _pad_id(model, eos)
         max_new = _max_new_tokens(kwargs, gen_cfg, width)
         kwargs = {k: v for k, v in kwargs.items() if k not in ("max_length", "max_new_tokens")}
         # per sample: kept new tokens (cut after the first EOS), and where its cache lives: the pass
         # that made it, its row there, that row's input (with its padding) and how many of the
         # sample's kept tokens came before that pass
-        generated = [_first_eos_cut(new[b], eos_ids) for b in range(batch)]
+        generated = [cut_at_eos(new[b], eos_ids, keep_eos=True) for b in range(batch)]
         source = [(cache, hidden, b, input_ids[b], attention_mask[b], 0) for b in range(batch)]
         del new, cache, hidden
         retries = [0] * batch
@@ -583,8 +570,7 @@ def _tnot_generate(model):
                 since = kept[b][before:]  # the tokens this sample's source pass generated and kept
                 rows.append((torch.cat([ids_b, since]), torch.cat([mask_b, torch.ones_like(since)])))
             width_r = max(len(ids) for ids, _ in rows)
-            ids = torch.stack([F.pad(i, (width_r - len(i), 0), value=pad) for i, _ in rows])
-            mask = torch.stack([F.pad(m, (width_r - len(m), 0), value=0) for _, m in rows])
+            ids, mask = pad([i for i, _ in rows], pad_id, side="left"), pad([m for _, m in rows], 0, side="left")
             # reuse the prefixes' KV caches: only the last kept token of each row goes through the body
             past = context = None
             items = [(source[b][0], source[b][2], len(i) - 1) for b, (i, _) in zip(todo, rows)]
@@ -599,13 +585,13 @@ def _tnot_generate(model):
                 stage="final" if final else "reflect", past=past, context_hidden=context,
                 keep_hidden=reuse and not final, retry=round_, limits=[max_new] * len(todo))
             for i, b in enumerate(todo):
-                generated[b] = torch.cat([kept[b], _first_eos_cut(more[i, :budget[b]], eos_ids)])
+                generated[b] = torch.cat([kept[b], cut_at_eos(more[i, :budget[b]], eos_ids, keep_eos=True)])
                 source[b] = (cache_r, hidden_r, i, ids[i], mask[i], len(kept[b]))
         model.retries = retries
         model.high_entropy_samples = [bool(p) for p in model.stop_positions]
         model.high_entropy_detected = any(model.high_entropy_samples)
         _write_records(model, generated)
-        out = torch.full((batch, width + max(len(g) for g in generated)), pad, dtype=torch.long,
+        out = torch.full((batch, width + max(len(g) for g in generated)), pad_id, dtype=torch.long,
                          device=input_ids.device)
         out[:, :width] = input_ids
         for b, g in enumerate(generated):
@@ -617,7 +603,7 @@ def _tnot_generate(model):
 
 def _label_records(model, generated) -> None:
     """Give each entropy record its token: the forced EOS where stopped, else the token kept at that step."""
-    eos = next(iter(_config_ids(model, "eos_token_id")), None)
+    eos = next(iter(eos_token_ids(model, getattr(model, "tokenizer", None))), None)
     for rec in model.entropy_records:
         tokens = generated[rec["sample"]]
         if rec["stopped"] and eos is not None:
