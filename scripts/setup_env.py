@@ -110,7 +110,8 @@ def environment_python():
 
 
 def probe(python):
-    out = subprocess.run([python, "-c", PROBE], stdout=subprocess.PIPE, universal_newlines=True)
+    # -I: isolated, so that a `testtime.egg-info` in the current folder is not taken for the install
+    out = subprocess.run([python, "-I", "-c", PROBE], stdout=subprocess.PIPE, universal_newlines=True)
     if out.returncode != 0:
         raise SetupError("{} does not run (exit status {})".format(python, out.returncode))
     return json.loads(out.stdout)
