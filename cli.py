@@ -67,6 +67,12 @@ class TesttimeCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the settings given: the config says what to build and `--ckpt_path` fills in its
+        weights (strictly, see `TesttimeModule.load_state_dict`). Lightning's default replaces the
+        model's settings with those saved in the checkpoint (an evaluation grid, k, an adapter path,
+        the class itself) without a word."""
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.model_name_or_path")
         parser.add_argument("--test_after_fit", type=bool, default=False,

@@ -1,9 +1,11 @@
-"""LightningDataModules: SFT records, LM text blocks, generated verifiable tasks, rejection-sampled solutions."""
+"""LightningDataModules: SFT records, LM text blocks, generated verifiable tasks, rejection-sampled solutions,
+prompt files, memory-test documents."""
 
 from datamodules.lm_text import LMTextDataModule
+from datamodules.memory import MemoryTestDataModule
 from datamodules.prompts import PromptDataModule
 from datamodules.rejection import RejectionSampledTaskDataModule
 from datamodules.sft import SFTDataModule
 from datamodules.tasks import TaskDataModule
 
-__all__ = ["LMTextDataModule", "PromptDataModule", "RejectionSampledTaskDataModule", "SFTDataModule", "TaskDataModule"]
+__all__ = ["LMTextDataModule", "MemoryTestDataModule", "PromptDataModule", "RejectionSampledTaskDataModule", "SFTDataModule", "TaskDataModule"]

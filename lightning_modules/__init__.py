@@ -8,5 +8,6 @@ from lightning_modules.autodeco import AutoDecoModule
 from lightning_modules.base import TesttimeModule
 from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.tnot import TNOTModule
+from lightning_modules.ttt import TTTModule
 
-__all__ = ["AutoDecoModule", "CausalLMModule", "TNOTModule", "TesttimeModule"]
+__all__ = ["AutoDecoModule", "CausalLMModule", "TNOTModule", "TTTModule", "TesttimeModule"]

@@ -102,6 +102,13 @@ def test_fit_then_export_reloads_identical_weights(run_cli, tmp_path):
     changed = [n for n, v in initial.state_dict().items() if not torch.equal(v, exported.state_dict()[n])]
     assert changed, "fit did not change any weight: the export test would prove nothing"
 
+    # the same checkpoint given to a method that trains heads: refused naming what is missing, nothing written
+    out = run_cli("export", "--config", str(ROOT / "configs/autodeco/tiny.yaml"), f"--ckpt_path={ckpt}",
+                  f"--output_dir={tmp_path / 'heads'}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "does not fit AutoDecoModule" in out.stderr and "model.temp_head.mlp.0.weight" in out.stderr
+    assert not (tmp_path / "heads").exists()
+
 
 @pytest.mark.parametrize(
     "args, env, named",

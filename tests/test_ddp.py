@@ -7,7 +7,8 @@ from tests.conftest import ROOT
 
 
 # AutoDeco: a frozen base with trainable heads must not trip DDP's unused-parameter check.
-@pytest.mark.parametrize("config", ["configs/sft/tiny.yaml", "configs/autodeco/tiny.yaml"])
+# TTT-E2E: the inner loop takes gradients inside the forward, which DDP must not mistake for its own.
+@pytest.mark.parametrize("config", ["configs/sft/tiny.yaml", "configs/autodeco/tiny.yaml", "configs/ttt/tiny.yaml"])
 def test_cpu_ddp_fit_ends_with_identical_weights_on_both_ranks(run_cli, tmp_path, config):
     probe = tmp_path / "weights"
     out = run_cli(
