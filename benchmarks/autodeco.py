@@ -32,7 +32,15 @@ sequence), max abs difference (bf16 noise of the base expected, ~1e-2).
 
 Training: one step of the heads (frozen base forward under no_grad + heads + `training_losses`
 legacy_ce + backward + AdamW) against a frozen forward-only pass of the base over the same batch,
-with a breakdown and the temperature-only / top-p-only variants.
+with a breakdown and the temperature-only / top-p-only variants; `both` uses the soft top-p loss's
+certified top-256 path (full sort only for rows it cannot certify: `full_sort_fraction`),
+`both_full_sort` the sort of the whole vocabulary for every token (the exact formula, as before).
+The final norm is scaled (`--final-norm-scale`, 20) so that the random model's next-token entropy
+is a trained model's (~1 nat) and the loss meets realistic tails. Goal: `both` within 1.3x of
+the frozen forward.
+
+    python benchmarks/autodeco.py --device cuda --skip-decode --models smollm2-135m,tinyllama-1.1b \
+        --out $OUT/autodeco_train.json
 
 Writes the JSON given by --out (and a PNG bar chart of the ratios next to it) and prints
 markdown rows for benchmarks/RESULTS.md.
@@ -153,6 +161,12 @@ def bench_decode(name, llm, model, args, device, results):
 
 def bench_train(name, llm, args, device, results):
     vocab = llm.config.vocab_size
+    # Random weights give near-uniform next-token distributions (entropy ~ln V), unlike a trained LM:
+    # scaling the final norm by 20 brings the mean entropy to ~1 nat, SmolLM2-135M's on the
+    # arithmetic training data (0.97 nats, measured on the CPU machine), so the soft top-p loss's
+    # certified top-k path meets the tails it meets in training.
+    with torch.no_grad():
+        llm.model.norm.weight.fill_(args.final_norm_scale)
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(1, vocab, (args.train_batch, args.train_len), generator=g).to(device)
     mask = torch.ones_like(ids)
@@ -175,15 +189,30 @@ def bench_train(name, llm, args, device, results):
             return llm(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
     row["base_forward_ms"] = median_time(forward_only, args.train_iters)
-    variants = {"both": (True, True), "temp_only": (True, False), "top_p_only": (False, True)}
-    for variant, (temp, top_p) in variants.items():
+    # both: the default soft top-p loss (certified top-256, full sort only where needed);
+    # both_full_sort: the exact loss through a sort of the whole vocabulary for every token
+    variants = {"both": (True, True, 256), "both_full_sort": (True, True, None), "temp_only": (True, False, 256),
+                "top_p_only": (False, True, 256)}
+    for variant, (temp, top_p, top_k) in variants.items():
         model = ad.AutoDecoModel(llm, enable_temperature_head=temp, enable_top_p_head=top_p).to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=5e-6)
+        if variant == "both":  # how many tokens needed the full sort (at the heads' initial T, P)
+            with torch.no_grad():
+                out = model(input_ids=ids, attention_mask=mask)
+                z, t, p, y = ad.shift_for_next_token(out.logits, out.temperature, out.top_p, labels)
+                sel = y != -100
+                probs = torch.softmax(z[sel].float() / t[sel].float()[:, None], -1)
+                weight = torch.softmax(z[sel].float(), -1).gather(-1, y[sel][:, None]).squeeze(-1)
+                _, fallback = ad.soft_top_p_normalizer(probs, p[sel].float(), 30.0, 256, 1e-5 / weight.clamp_min(1e-12))
+                row["full_sort_fraction"] = float(fallback.float().mean())
+                row["mean_entropy"] = float(-(torch.softmax(z[sel].float(), -1) *
+                                              torch.log_softmax(z[sel].float(), -1)).sum(-1).mean())
+                del out, probs
 
         def step():
             out = model(input_ids=ids, attention_mask=mask)
-            loss = ad.training_losses(out, labels, objective="legacy_ce", generator=gen)["loss"]
+            loss = ad.training_losses(out, labels, objective="legacy_ce", generator=gen, top_k=top_k)["loss"]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -202,7 +231,7 @@ def bench_train(name, llm, args, device, results):
                 ad.predict_heads(model.temp_head, model.top_p_head, out.hidden_states, out.logits)
             sync(device)
             t2 = time.perf_counter()
-            losses = ad.training_losses(out, labels, objective="legacy_ce", generator=gen)
+            losses = ad.training_losses(out, labels, objective="legacy_ce", generator=gen, top_k=top_k)
             sync(device)
             t3 = time.perf_counter()
             losses["loss"].backward()
@@ -217,7 +246,7 @@ def bench_train(name, llm, args, device, results):
         if device.type == "cuda":
             row[f"{variant}_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
-        del model, opt
+        model = opt = None  # free the memory before the next variant
         log(f"  train {name} {variant}: {row[f'{variant}_step_ms']:.1f} ms/step "
             f"({row[f'{variant}_ratio']:.2f}x forward {row['base_forward_ms']:.1f} ms) "
             f"{row[f'{variant}_breakdown_ms']}")
@@ -243,17 +272,19 @@ def markdown(results) -> str:
                          f"{f('autodeco_hooks_ms_per_token')} | {f('autodeco_ratio', '{:.3f}x')} | "
                          f"{f('autodeco_vs_sample', '{:.3f}x')} | {f('autodeco_hooks_ratio', '{:.3f}x')} |")
     if results["train"]:
-        lines += ["", "| model | batch x len | base forward ms | step both heads ms (ratio) | temp only | top-p only |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| model | batch x len | base forward ms | step both heads ms (ratio) | both, full sort "
+                  "(ratio) | temp only | top-p only | tokens fully sorted | mean entropy |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in results["train"]:
             lines.append(f"| {r['model']} | {r['batch']}x{r['seq_len']} | {r['base_forward_ms']:.1f} | "
-                         f"{r['both_step_ms']:.1f} ({r['both_ratio']:.2f}x) | {r['temp_only_step_ms']:.1f} "
+                         f"{r['both_step_ms']:.1f} ({r['both_ratio']:.2f}x) | {r['both_full_sort_step_ms']:.1f} "
+                         f"({r['both_full_sort_ratio']:.2f}x) | {r['temp_only_step_ms']:.1f} "
                          f"({r['temp_only_ratio']:.2f}x) | {r['top_p_only_step_ms']:.1f} "
-                         f"({r['top_p_only_ratio']:.2f}x) |")
+                         f"({r['top_p_only_ratio']:.2f}x) | {r['full_sort_fraction']:.1%} | {r['mean_entropy']:.2f} |")
         lines += ["", "| model | variant | forward (base + heads) | heads alone | losses | backward + AdamW |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for r in results["train"]:
-            for v in ("both", "temp_only", "top_p_only"):
+            for v in ("both", "both_full_sort", "temp_only", "top_p_only"):
                 b = r[f"{v}_breakdown_ms"]
                 lines.append(f"| {r['model']} | {v} | {b['forward_base_and_heads']:.1f} | {b['heads_only']:.1f} | "
                              f"{b['losses']:.1f} | {b['backward_and_adamw']:.1f} |")
@@ -275,7 +306,7 @@ def plot(results, path: Path):
                 labels.append(f"{r['model']}\n{r['cache']} b{r['batch']}\n{m.replace('autodeco', 'ad')}")
                 values.append(r[f"{m}_ratio"])
     for r in results["train"]:
-        for v in ("both", "temp_only", "top_p_only"):
+        for v in ("both", "both_full_sort", "temp_only", "top_p_only"):
             labels.append(f"{r['model']}\ntrain\n{v}")
             values.append(r[f"{v}_ratio"])
     if not values:
@@ -284,7 +315,7 @@ def plot(results, path: Path):
     colors = ["tab:blue" if "train" not in lab else "tab:orange" for lab in labels]
     ax.bar(range(len(values)), values, color=colors)
     ax.axhline(1.02, color="tab:green", ls="--", lw=1, label="decode goal 1.02x")
-    ax.axhline(1.10, color="tab:red", ls="--", lw=1, label="training goal 1.10x")
+    ax.axhline(1.30, color="tab:red", ls="--", lw=1, label="training goal 1.30x")
     ax.set_xticks(range(len(values)), labels, fontsize=6)
     ax.set_ylabel("time ratio (heads on / baseline)")
     ax.set_title("AutoDeco cost: decode vs generate(T=0.8, top-p 0.95); train step vs frozen forward", fontsize=9)
@@ -313,6 +344,8 @@ def main(argv=None):
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-len", type=int, default=512)
     p.add_argument("--train-iters", type=int, default=10)
+    p.add_argument("--final-norm-scale", type=float, default=20.0,
+                   help="the training benchmark's final-norm weight (20: a trained LM's ~1-nat entropy)")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--out", default="runs/bench/autodeco.json")

@@ -78,8 +78,7 @@ def describe_stats(stats: dict[str, int]) -> str:
     none = stats["problems_with_none"]
     text += f"; {none} problem{'s' if none != 1 else ''} had no correct sample"
     if stats.get("kept_unfinished"):
-        text += (f"; {stats['kept_unfinished']} kept samples were cut off by max_new_tokens before EOS (left out "
-                 "unless keep_unfinished: raise sample_max_new_tokens)")
+        text += f"; {stats['kept_unfinished']} kept samples were cut off by max_new_tokens before EOS"
     return text
 
 
@@ -209,7 +208,7 @@ class RejectionSampledTaskDataModule(TaskDataModule):
         atomic_write_text(self.stats_path, json.dumps(sidecar, indent=2) + "\n")
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         message = describe_stats(stats)
-        if stats["kept"] == 0 or stats.get("kept_unfinished"):
+        if stats["kept"] == 0:
             log.warning("rejection sampling with %s: %s (%.1f s)", self.model_name_or_path, message, seconds)
         else:
             log.info("rejection sampling with %s: %s (%.1f s)", self.model_name_or_path, message, seconds)
@@ -268,8 +267,8 @@ class RejectionSampledTaskDataModule(TaskDataModule):
         if not self.hparams.keep_unfinished:
             finished = [r for r in records if r.get("finished", True)]
             if len(finished) < len(records):
-                log.warning("left out %d of %d kept samples that were cut off before EOS (keep_unfinished=false)",
-                            len(records) - len(finished), len(records))
+                log.warning("left out %d of %d kept samples that were cut off before EOS (keep_unfinished: false; "
+                            "raise sample_max_new_tokens to keep them)", len(records) - len(finished), len(records))
             records = finished
         if self.stats_path.is_file():
             self.stats = json.loads(self.stats_path.read_text(encoding="utf-8"))

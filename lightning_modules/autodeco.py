@@ -149,8 +149,8 @@ class AutoDecoModule(TesttimeModule):
         mask = self.token_filter(logits, shifted) if self.token_filter is not None else None
         if self._generator is None or self._generator.device != logits.device:
             self._generator = torch.Generator(device=logits.device).manual_seed(1000 + self.global_rank)
-        losses = training_losses(
-            out, labels, objective=hp.objective, mask=mask, generator=self._generator,
+        losses = training_losses(  # the token filter (Goldilocks) restricts the temperature head only
+            out, labels, objective=hp.objective, temp_mask=mask, generator=self._generator,
             easy_token_drop=hp.easy_token_drop, steepness=hp.top_p_steepness, min_p_ratio=hp.min_p_ratio,
             under_weight=hp.under_weight, over_weight=hp.over_weight,
             temp_cap=None if hp.temp_cap < 0 else hp.temp_cap,

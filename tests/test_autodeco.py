@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from testtime.autodeco import (
     required_temperature,
     shift_for_next_token,
     soft_top_p_loss,
+    soft_top_p_normalizer,
     temperature_loss,
     training_losses,
     warp_logits,
@@ -291,9 +293,15 @@ def test_wrapper_every_family(family, tokenizer):
     out = model(ids, attention_mask=torch.ones_like(ids))
     ref = llm(ids, output_hidden_states=True)
     assert torch.equal(out.hidden_states, ref.hidden_states[-1]) and torch.equal(out.logits, ref.logits)
-    assert out.temperature.shape == out.top_p.shape == (2, 6)
+    h = ref.hidden_states[-1]
+    assert torch.equal(out.temperature, model.temp_head(h))  # the heads on the final hidden state
+    assert torch.equal(out.top_p, model.top_p_head(h, out.temperature, ref.logits))
+    torch.manual_seed(0)
     gen = autodeco_generate(llm, model, ids, torch.ones_like(ids), max_new_tokens=3)
-    assert gen.sequences.shape == (2, 9) and gen.temperature.shape == (2, 3)
+    assert torch.equal(gen.sequences[:, :6], ids)
+    # each generated token was sampled with the heads' T at the position before it
+    forced = model(gen.sequences)
+    assert torch.allclose(gen.temperature, forced.temperature[:, 5:-1], atol=1e-5)
 
 
 def test_base_is_frozen_and_stays_in_eval(tiny_llama):
@@ -605,3 +613,80 @@ def test_compiled_forward_runs_the_heads(tiny_llama):
                          compile_config=_cpu_compile_config())
     assert torch.equal(plain, llm.generate(**batch, max_new_tokens=4, do_sample=False))
     torch._dynamo.reset()
+
+
+def test_the_token_filter_restricts_the_temperature_loss_only(tiny_llama):
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm)
+    ids = torch.randint(5, len(tok), (2, 12))
+    out = model(ids)
+    torch.manual_seed(1)
+    temp_mask = torch.rand(2, 11) < 0.5
+    plain = training_losses(out, ids, "analytic_min_p_hinge")
+    filtered = training_losses(out, ids, "analytic_min_p_hinge", temp_mask=temp_mask)
+    assert torch.equal(filtered["top_p_loss"], plain["top_p_loss"])  # the top-p head sees every token
+    logits, temperature, _, labels = shift_for_next_token(out.logits, out.temperature, None, ids)
+    assert torch.equal(filtered["temp_loss"], min_p_hinge_loss(logits, temperature, labels, mask=temp_mask))
+    assert not torch.equal(filtered["temp_loss"], plain["temp_loss"])
+    top_p_mask = ~temp_mask
+    only_top_p = training_losses(out, ids, "analytic_min_p_hinge", top_p_mask=top_p_mask)
+    assert torch.equal(only_top_p["temp_loss"], plain["temp_loss"])
+    assert not torch.equal(only_top_p["top_p_loss"], plain["top_p_loss"])
+
+
+@pytest.mark.parametrize("shape", ["peaked", "flat"])
+def test_top_k_soft_top_p_matches_the_full_sort_and_the_formula(shape):
+    """The certified top-k path (peaked rows) and its fallback to the full sort (flat rows) against
+    the exact loss and, on a small vocabulary, the formula written as a loop."""
+    torch.manual_seed(0)
+    V = 64
+    scale = 9.0 if shape == "peaked" else 0.3
+    z = torch.randn(1, 16, V, dtype=torch.float64) * scale
+    y = torch.randint(0, V, (1, 16))
+    t = torch.rand(1, 16, dtype=torch.float64) * 0.8 + 0.4
+    p = torch.rand(1, 16, dtype=torch.float64) * 0.9 + 0.05
+    p_rows = torch.softmax(z[0] / t[0, :, None], -1)
+    _, fallback = soft_top_p_normalizer(p_rows, p[0], 30.0, top_k=8, tolerance=1e-6)
+    if shape == "peaked":
+        assert fallback.float().mean() < 0.3  # most rows certified without the full sort
+    else:
+        assert fallback.all()  # the tail is too heavy to bound: exact for every row
+    fast = soft_top_p_loss(z, t, p, y, top_k=8)
+    assert fast.item() == pytest.approx(soft_top_p_loss(z, t, p, y, top_k=None).item(), abs=1e-5)
+    expected = ref_soft_top_p_loss(z[0].tolist(), t[0].tolist(), p[0].tolist(), y[0].tolist(), 30.0)
+    assert fast.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_generate_refuses_the_sampling_arguments_the_heads_replace(tiny_llama):
+    llm, tok = tiny_llama
+    model = AutoDecoModel(llm)
+    ids = torch.randint(5, len(tok), (1, 4))
+    for kwargs, named in [({"temperature": 0.7}, "user_temperature="), ({"top_p": 0.9}, "user_top_p="),
+                          ({"do_sample": False}, "user_temperature=0"), ({"num_beams": 2}, "beam search"),
+                          ({"top_k": 50}, "min_p=")]:
+        with pytest.raises(ValueError, match=re.escape(named)):
+            autodeco_generate(llm, model, ids, max_new_tokens=2, **kwargs)
+
+
+def test_heads_see_the_rescaled_logits_of_a_soft_capping_family(tokenizer):
+    """Gemma-2 soft-caps its logits after lm_head: the top-p head's features must come from the
+    capped logits at generation as in training."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    cfg = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        llm.lm_head.weight.mul_(40)  # raw logits well beyond the cap of 2, so capping matters
+    model = AutoDecoModel(llm)
+    ids = torch.randint(5, len(tokenizer), (2, 5))
+    for heads_in_forward in (True, False):
+        torch.manual_seed(0)
+        gen = autodeco_generate(llm, model, ids, torch.ones_like(ids), max_new_tokens=4,
+                                heads_in_forward=heads_in_forward, pad_token_id=tokenizer.pad_token_id)
+        forced = model(gen.sequences)
+        assert torch.allclose(gen.top_p, forced.top_p[:, 4:-1], atol=1e-5)
+        assert (forced.logits.abs() <= 2.0 + 1e-5).all()
+

@@ -99,3 +99,27 @@ def test_loads_a_config_written_like_the_original(tiny_llama, tmp_path):
     ids = torch.randint(5, 100, (1, 6))
     out = model(ids)
     assert torch.equal(out.temperature, temp(out.hidden_states))
+
+
+@pytest.mark.parametrize("saved_enhanced", [False, True])
+def test_enhanced_features_that_disagree_with_the_config_are_named(tiny_llama, tmp_path, saved_enhanced):
+    llm, _ = tiny_llama
+    model = AutoDecoModel(llm, use_enhanced_features=saved_enhanced)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["use_enhanced_features"] = not saved_enhanced  # a config that says the opposite
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="use_enhanced_features") as err:
+        load_autodeco(tmp_path, model=llm)
+    assert f"set it to {'true' if saved_enhanced else 'false'}" in str(err.value)
+    assert "hidden size 32 +" in str(err.value)
+
+
+def test_the_exported_config_carries_no_conversion_leftovers(tiny_llama, tmp_path):
+    llm, _ = tiny_llama
+    llm.config._model_name_or_path = "Smollm2 135M 8k Lc100K Mix1 Ep2"  # what a GGUF conversion left
+    AutoDecoModel(llm).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert not [k for k in config if k.startswith("_")]
+    assert "id2label" not in config and "label2id" not in config  # the defaults are not written
+    assert config["hidden_size"] == 32 and config["model_type"] == "autodeco" and config["base_model_type"] == "llama"

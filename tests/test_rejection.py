@@ -345,7 +345,7 @@ def test_nothing_kept_raises_instead_of_training_on_nothing(tiny_model_dir, samp
 def test_cut_off_samples_are_reported(tiny_model_dir, sampler, caplog):
     sampler.unfinished = {2}
     dm = make_dm(tiny_model_dir)
-    with caplog.at_level(logging.WARNING, logger="datamodules.rejection"):
+    with caplog.at_level(logging.INFO, logger="datamodules.rejection"):
         dm.prepare_data()
     assert "6 kept samples were cut off by max_new_tokens" in caplog.text
     records = [json.loads(line) for line in dm.cache_path.read_text().splitlines()]
@@ -355,6 +355,7 @@ def test_cut_off_samples_are_reported(tiny_model_dir, sampler, caplog):
         dm.setup("fit")
     assert len(dm.dataset("train")) == len(records) - 6  # cut-off samples are not trained on
     assert f"left out 6 of {len(records)} kept samples" in caplog.text
+    assert caplog.text.count("left out") == 1  # said once, where it happens
     keep = make_dm(tiny_model_dir, keep_unfinished=True)
     keep.setup("fit")
     assert len(keep.dataset("train")) == len(records)

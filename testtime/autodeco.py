@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor
 
 from testtime.io import atomic_write_text
-from testtime.lm import IGNORE_INDEX
+from testtime.lm import IGNORE_INDEX, scale_logits
 
 CONFIG_FILE = "config.json"
 
@@ -194,6 +194,13 @@ class AutoDecoConfig:
         return cls.from_dict(json.loads((Path(folder) / CONFIG_FILE).read_text()))
 
 
+def base_config_dict(config) -> dict:
+    """The base model's config as written into AutoDeco's config.json: the values that differ from
+    the defaults (as `save_pretrained` writes them), without private leftovers of a conversion
+    (`_name_or_path`, a GGUF file's `_model_name_or_path`)."""
+    return {k: v for k, v in config.to_diff_dict().items() if not k.startswith("_")}
+
+
 def head_input_size(llm: nn.Module) -> int:
     """Width of the final hidden state that feeds lm_head (what the heads read)."""
     head = llm.get_output_embeddings()
@@ -254,7 +261,7 @@ class AutoDecoModel(nn.Module):
         # Heads are created in float32 whatever the base dtype is.
         self.temp_head = TempHead(hidden, width).float() if enable_temperature_head else None
         self.top_p_head = TopPHead(hidden, use_enhanced_features, width).float() if enable_top_p_head else None
-        base_cfg = llm.config.to_dict()
+        base_cfg = base_config_dict(llm.config)
         self.config = AutoDecoConfig(
             base_model_name_or_path=base_model_name_or_path or getattr(llm, "name_or_path", None) or None,
             base_model_type=getattr(llm.config, "model_type", None),
@@ -355,12 +362,18 @@ def temperature_loss(logits, temperature, labels, easy_token_drop: float = 0.6, 
     return (ce * _label_prob(z, y)).mean()
 
 
-def soft_top_p_loss(logits, temperature, top_p, labels, steepness: float = 30.0, mask=None):
+def soft_top_p_loss(logits, temperature, top_p, labels, steepness: float = 30.0, mask=None, top_k: int | None = 256,
+                    tolerance: float = 1e-5):
     """Differentiable top-p surrogate.
 
     p = softmax(z / T) (T is NOT detached), sorted descending, inclusive cumulative sum c;
     mask m = exp(-steepness * relu(c - P)) put back in vocabulary order; p~ = p m / (sum p m + 1e-9);
     per token -log(p~[y] + 1e-9) * stopgrad(softmax(z)[y]); mean over selected tokens.
+
+    The full sort over the vocabulary is most of an AutoDeco training step, so by default only
+    the `top_k` most likely tokens are sorted (`soft_top_p_normalizer`), and rows whose tail
+    estimate cannot be certified to within `tolerance` of the exact per-token loss fall back to
+    the full sort. `top_k=None` always sorts everything.
     """
     selected = _selected(labels, mask)
     if not selected.any():
@@ -369,12 +382,74 @@ def soft_top_p_loss(logits, temperature, top_p, labels, steepness: float = 30.0,
     t = _f32(temperature[selected]).clamp_min(1e-8)
     p_top = _f32(top_p[selected])
     p = torch.softmax(z / t[:, None], dim=-1)
-    sorted_p, order = p.sort(dim=-1, descending=True)
-    decay = torch.exp(-steepness * torch.relu(sorted_p.cumsum(-1) - p_top[:, None]))
-    m = torch.empty_like(p).scatter(-1, order, decay)
-    pm = p * m
-    p_label = pm.gather(-1, y[:, None]).squeeze(-1) / (pm.sum(-1) + 1e-9)
-    return (-torch.log(p_label + 1e-9) * _label_prob(z, y)).mean()
+    weight = _label_prob(z, y)
+    p_y = p.gather(-1, y[:, None]).squeeze(-1)
+    # the label's inclusive cumulative mass: what is more likely than it, plus itself (no sort)
+    with torch.no_grad():
+        above = p > p_y[:, None].detach()
+    c_y = (p * above).sum(-1) + p_y
+    m_y = torch.exp(-steepness * torch.relu(c_y - p_top))
+    normalizer, _ = soft_top_p_normalizer(p, p_top, steepness, top_k, tolerance / weight.clamp_min(1e-12))
+    p_label = p_y * m_y / (normalizer + 1e-9)
+    return (-torch.log(p_label + 1e-9) * weight).mean()
+
+
+def soft_top_p_normalizer(p, top_p, steepness: float = 30.0, top_k: int | None = 256, tolerance=1e-5):
+    """(sum_v p_v m_v [N], bool [N] rows that took the full sort) with m = exp(-steepness * relu(c - P)),
+    c the inclusive cumulative mass in descending order of p; rows p [N, V], P [N]; `tolerance`
+    [N] (or a float) bounds the relative error.
+
+    Exact on the `top_k` most likely tokens. The tail (mass tau = 1 - c_k beyond the k-th token)
+    has c in (c_k, 1], so its sum lies in [tau exp(-a relu(1 - P)), tau exp(-a relu(c_k - P))]
+    (a = steepness). When c_k >= P every tail mask is exp(-a (c_k - P)) exp(-a C) with C the tail's
+    own cumulative mass, and sum_tail q (1 - a C) = tau - a (tau^2 + sum q^2) / 2 whatever the order
+    (sum_i q_i C_i = ((sum q)^2 + sum q^2) / 2); |exp(-x) - (1 - x)| <= x^2 / 2 bounds its error by
+    m_k a^2 tau^3 / 2. Otherwise the midpoint of the interval, error half its width. Rows whose
+    error bound exceeds `tolerance` times the estimate try again with 8 x top_k tokens, then are
+    summed over the full sort.
+    """
+    def exact(rows, rows_top_p):
+        sorted_p = rows.sort(dim=-1, descending=True).values
+        return (sorted_p * torch.exp(-steepness * torch.relu(sorted_p.cumsum(-1) - rows_top_p[:, None]))).sum(-1)
+
+    vocab = p.shape[-1]
+    if top_k is None or top_k >= vocab:
+        return exact(p, top_p), torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+    tolerance = torch.as_tensor(tolerance, dtype=p.dtype, device=p.device).expand(p.shape[0])
+    total = p.new_zeros(p.shape[0])
+    todo = torch.arange(p.shape[0], device=p.device)  # rows not certified yet
+    for k in (top_k, 8 * top_k):
+        if k >= vocab or not len(todo):
+            break
+        rows, rows_p = p[todo], top_p[todo]
+        estimate, error = _top_k_estimate(rows, rows_p, steepness, k)
+        with torch.no_grad():
+            certified = error <= tolerance[todo] * estimate.clamp_min(1e-30)
+        total = total.index_put((todo[certified],), estimate[certified])
+        todo = todo[~certified]
+    fallback = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+    if len(todo):
+        fallback[todo] = True
+        total = total.index_put((todo,), exact(p[todo], top_p[todo]))
+    return total, fallback
+
+
+def _top_k_estimate(p, top_p, steepness: float, k: int):
+    """(estimate of sum_v p_v m_v, its error bound) from the k most likely tokens: see `soft_top_p_normalizer`."""
+    values = p.topk(k, dim=-1, sorted=True).values
+    c = values.cumsum(-1)
+    head = (values * torch.exp(-steepness * torch.relu(c - top_p[:, None]))).sum(-1)
+    c_k = c[:, -1]
+    tau = (p.sum(-1) - c_k).clamp_min(0.0)
+    m_k = torch.exp(-steepness * torch.relu(c_k - top_p))
+    q2 = ((p * p).sum(-1) - (values * values).sum(-1)).clamp_min(0.0)
+    linear = m_k * (tau - steepness * 0.5 * (tau * tau + q2))
+    upper, lower = tau * m_k, tau * torch.exp(-steepness * torch.relu(1.0 - top_p))
+    beyond = c_k >= top_p
+    tail = torch.where(beyond, linear, (upper + lower) / 2)
+    with torch.no_grad():
+        error = torch.where(beyond, m_k * steepness ** 2 * tau ** 3 / 2, (upper - lower) / 2)
+    return head + tail, error
 
 
 def required_temperature(logits, labels, min_p_ratio: float = 0.1) -> torch.Tensor:
@@ -471,28 +546,32 @@ def goldilocks_mask(logits, labels, min_p_ratio: float = 0.1, temp_cap: float | 
     return keep
 
 
-def training_losses(output: AutoDecoOutput, labels, objective: str = "legacy_ce", mask=None, generator=None,
-                    easy_token_drop: float = 0.6, steepness: float = 30.0, min_p_ratio: float = 0.1,
-                    under_weight: float = 1.0, over_weight: float = 1.0, temp_cap: float | None = 2.0) -> dict:
+def training_losses(output: AutoDecoOutput, labels, objective: str = "legacy_ce", temp_mask=None, top_p_mask=None,
+                    generator=None, easy_token_drop: float = 0.6, steepness: float = 30.0, min_p_ratio: float = 0.1,
+                    under_weight: float = 1.0, over_weight: float = 1.0, temp_cap: float | None = 2.0,
+                    top_k: int | None = 256) -> dict:
     """All losses of one batch: {"loss", "temp_loss", "top_p_loss"} (absent heads give None).
 
     `labels` are HF-style (aligned with input_ids, prompt = -100); the shift happens here.
-    `mask` (e.g. from `goldilocks_mask`) is over the SHIFTED positions, [B, L - 1].
+    `temp_mask` selects the tokens of the temperature loss (e.g. `goldilocks_mask`), `top_p_mask`
+    those of the top-p loss, each over the SHIFTED positions [B, L - 1] (None: every labelled token).
     objective: "legacy_ce" (temperature CE) or "analytic_min_p_hinge" for the temperature head.
+    `top_k`: the soft top-p loss sorts only that many tokens per row when it can certify the rest
+    (see `soft_top_p_normalizer`; None sorts the whole vocabulary).
     """
     logits, temperature, top_p, labels = shift_for_next_token(output.logits, output.temperature, output.top_p, labels)
     temp_loss = top_p_loss = None
     if temperature is not None:
         if objective == "legacy_ce":
-            temp_loss = temperature_loss(logits, temperature, labels, easy_token_drop, generator, mask=mask)
+            temp_loss = temperature_loss(logits, temperature, labels, easy_token_drop, generator, mask=temp_mask)
         elif objective == "analytic_min_p_hinge":
             temp_loss = min_p_hinge_loss(logits, temperature, labels, min_p_ratio, under_weight, over_weight,
-                                         temp_cap, mask=mask)
+                                         temp_cap, mask=temp_mask)
         else:
             raise ValueError(f"unknown objective {objective!r}: use 'legacy_ce' or 'analytic_min_p_hinge'")
     if top_p is not None:
         t = temperature if temperature is not None else torch.ones_like(top_p)
-        top_p_loss = soft_top_p_loss(logits, t, top_p, labels, steepness, mask=mask)
+        top_p_loss = soft_top_p_loss(logits, t, top_p, labels, steepness, mask=top_p_mask, top_k=top_k)
     loss = sum(x for x in (temp_loss, top_p_loss) if x is not None)
     return {"loss": loss, "temp_loss": temp_loss, "top_p_loss": top_p_loss}
 
@@ -514,11 +593,14 @@ class HeadsLMHead(nn.Module):
 
     `autodeco_generate` installs one with `model.set_output_embeddings` for the duration of
     `generate` (`install_heads_lm_head`) and hands it to the processor with `attach_lm_head`.
+    `config`: the base model's, for families that rescale the lm_head output (Gemma-2/3, Cohere,
+    Granite: `testtime.lm.scale_logits`), so the heads see the logits they were trained on.
     """
 
-    def __init__(self, lm_head: nn.Module, temp_head=None, top_p_head=None):
+    def __init__(self, lm_head: nn.Module, temp_head=None, top_p_head=None, config=None):
         super().__init__()
         self.lm_head, self.temp_head, self.top_p_head = lm_head, temp_head, top_p_head
+        self.config = config
         self.register_buffer("predicted", torch.ones(0, 2), persistent=False)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long), persistent=False)
 
@@ -541,7 +623,8 @@ class HeadsLMHead(nn.Module):
         logits = self.lm_head(hidden, *args, **kwargs)
         if hidden.shape[0] != self.predicted.shape[0]:
             raise RuntimeError(f"HeadsLMHead sized for batch {self.predicted.shape[0]} got batch {hidden.shape[0]}")
-        t_hat, p_hat = predict_heads(self.temp_head, self.top_p_head, hidden[:, -1], logits[:, -1])
+        last = logits[:, -1] if self.config is None else scale_logits(self.config, logits[:, -1])
+        t_hat, p_hat = predict_heads(self.temp_head, self.top_p_head, hidden[:, -1], last)
         ones = torch.ones(hidden.shape[0], device=self.predicted.device, dtype=torch.float32)
         t_hat = ones if t_hat is None else t_hat.float().to(ones.device)
         p_hat = ones if p_hat is None else p_hat.float().to(ones.device)
@@ -576,7 +659,7 @@ def install_heads_lm_head(llm: nn.Module, temp_head=None, top_p_head=None, batch
     wrapper = _HEADS_LM_HEADS.get(llm)
     if wrapper is None or wrapper.lm_head is not inner or wrapper.temp_head is not temp_head \
             or wrapper.top_p_head is not top_p_head:
-        wrapper = HeadsLMHead(inner, temp_head, top_p_head)
+        wrapper = HeadsLMHead(inner, temp_head, top_p_head, llm.config)
         _HEADS_LM_HEADS[llm] = wrapper
     wrapper.reset(batch_size, _head_device(temp_head, top_p_head, next(inner.parameters(), torch.empty(0)).device))
     try:
@@ -610,8 +693,9 @@ class AutoDecoLogitsProcessor(LogitsProcessor):
                            top_p=1.0, top_k=0, disable_compile=True)
 
     With `record=True` the T and P actually used are kept per step (`recorded()` -> [B, steps]).
-    The heads' features come from the raw lm_head output, so processors that run earlier
-    (repetition penalty...) change what is sampled from but not what the heads see.
+    The heads' features come from the model's own logits (the lm_head output, rescaled as the
+    family does: `testtime.lm.scale_logits`), so processors that run earlier (repetition
+    penalty...) change what is sampled from but not what the heads see.
     """
 
     def __init__(self, temp_head=None, top_p_head=None, user_temperature: float = 1.0, user_top_p: float = 1.0,
@@ -620,6 +704,7 @@ class AutoDecoLogitsProcessor(LogitsProcessor):
         self.user_temperature, self.user_top_p, self.min_p = float(user_temperature), float(user_top_p), min_p
         self.record = record
         self.store: dict | None = None
+        self.config = None  # the base model's, set by attach (its lm_head output may be rescaled)
         self.lm_head: HeadsLMHead | None = None
         self.steps = 0
         self._last_call = 0
@@ -629,7 +714,7 @@ class AutoDecoLogitsProcessor(LogitsProcessor):
     @contextlib.contextmanager
     def attach(self, model):
         with capture_lm_head(model, last_only=True) as store:
-            self.store, self._last_call = store, 0
+            self.store, self._last_call, self.config = store, 0, model.config
             try:
                 yield self
             finally:
@@ -675,7 +760,7 @@ class AutoDecoLogitsProcessor(LogitsProcessor):
         hidden, raw = self.store["hidden"], self.store["logits"]
         if hidden.shape[0] != scores.shape[0]:
             raise RuntimeError(f"captured batch {hidden.shape[0]} != scores batch {scores.shape[0]}")
-        t_hat, p_hat = predict_heads(self.temp_head, self.top_p_head, hidden, raw)
+        t_hat, p_hat = predict_heads(self.temp_head, self.top_p_head, hidden, scale_logits(self.config, raw))
         ones = torch.ones(scores.shape[0], device=scores.device, dtype=torch.float32)
         t_hat = ones if t_hat is None else t_hat.float().to(scores.device)
         p_hat = ones if p_hat is None else p_hat.float().to(scores.device)
@@ -721,6 +806,19 @@ class AutoDecoGeneration(NamedTuple):
     top_p: torch.Tensor  # [B, new] final P used per generated token
 
 
+# generate's sampling arguments, which the heads' per-token T and P replace: what to pass instead.
+_REFUSED_SAMPLING = {
+    "temperature": "the heads predict the temperature per token; pass user_temperature= (it multiplies the "
+                   "heads' T, 0 = greedy)",
+    "top_p": "the heads predict top-p per token; pass user_top_p= (it multiplies the heads' P)",
+    "do_sample": "AutoDeco always samples with the heads' T and P; for greedy decoding pass user_temperature=0",
+    "num_beams": "beam search has no per-token sampling parameters; AutoDeco samples (user_temperature=0 is greedy)",
+    "top_k": "top-k would cut what the heads' top-p keeps; AutoDeco applies temperature, top-p and min_p= only",
+    "typical_p": "typical sampling cannot be combined with the heads' T and P",
+    "epsilon_cutoff": "epsilon sampling cannot be combined with the heads' T and P",
+    "eta_cutoff": "eta sampling cannot be combined with the heads' T and P",
+}
+
 # generate's own warpers, set to values that do nothing, so only the processor shapes sampling.
 _NEUTRAL_SAMPLING = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, typical_p=1.0, epsilon_cutoff=0.0,
                          eta_cutoff=0.0, num_beams=1)
@@ -741,7 +839,13 @@ def autodeco_generate(model, heads, input_ids, attention_mask=None, user_tempera
     on GPU) stays on, as for plain `generate`. False: the older hook-based capture, which needs an
     eager forward and therefore disables compilation; it is also the fallback for models whose
     lm_head cannot be replaced.
+
+    `generate`'s own sampling arguments would be overridden by the heads, so they are refused with
+    the argument to use instead (`temperature=` -> `user_temperature=`, ...).
     """
+    for name, value in generate_kwargs.items():
+        if name in _REFUSED_SAMPLING:
+            raise ValueError(f"autodeco_generate got {name}={value!r}: {_REFUSED_SAMPLING[name]}")
     llm = model.llm if isinstance(model, AutoDecoModel) else model
     if heads is None:
         heads = model
@@ -782,7 +886,8 @@ def autodeco_generate(model, heads, input_ids, attention_mask=None, user_tempera
 
 __all__ = [
     "AutoDecoConfig", "AutoDecoGeneration", "AutoDecoLogitsProcessor", "AutoDecoModel", "AutoDecoOutput",
-    "HeadsLMHead", "TempHead", "TopPHead", "autodeco_generate", "capture_lm_head", "goldilocks_mask",
+    "HeadsLMHead", "TempHead", "TopPHead", "autodeco_generate", "base_config_dict", "capture_lm_head",
+    "goldilocks_mask", "soft_top_p_normalizer",
     "head_input_size", "install_heads_lm_head", "label_rank", "min_p_hinge_loss", "predict_heads", "prob_stats",
     "required_temperature", "shift_for_next_token", "soft_top_p_loss", "temperature_loss", "training_losses",
     "warp_logits",

@@ -29,7 +29,7 @@ from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from testtime.autodeco import CONFIG_FILE, AutoDecoConfig, AutoDecoModel, head_input_size
+from testtime.autodeco import CONFIG_FILE, AutoDecoConfig, AutoDecoModel, base_config_dict, head_input_size
 from testtime.errors import CheckpointError
 
 HEADS_FILE = "model.safetensors"
@@ -85,14 +85,30 @@ def _has_base_weights(folder: Path) -> bool:
 
 
 def _check_hidden_size(heads: dict, config: AutoDecoConfig, llm: nn.Module, where) -> None:
-    """Refuse heads whose input width differs from the base model's final hidden state."""
+    """Refuse heads whose input width differs from the base model's final hidden state, saying
+    which setting disagrees: the hidden size, or the top-p head's enhanced features."""
     size = head_input_size(llm)
-    extra = {"temp_head.mlp.0.weight": 0, "top_p_head.mlp.0.weight": 5 if config.use_enhanced_features else 1}
-    for key, n_extra in extra.items():
-        if key in heads and heads[key].shape[1] - n_extra != size:
-            name = getattr(llm, "name_or_path", "") or type(llm).__name__
-            raise CheckpointError(f"AutoDeco heads in {where} were trained for hidden size {heads[key].shape[1] - n_extra}, "
-                             f"but the base model {name} has hidden size {size}")
+    name = getattr(llm, "name_or_path", "") or type(llm).__name__
+    if "temp_head.mlp.0.weight" in heads and heads["temp_head.mlp.0.weight"].shape[1] != size:
+        raise CheckpointError(f"AutoDeco heads in {where} were trained for hidden size "
+                              f"{heads['temp_head.mlp.0.weight'].shape[1]}, but the base model {name} has hidden size "
+                              f"{size}")
+    key = "top_p_head.mlp.0.weight"
+    if key in heads:
+        inputs = heads[key].shape[1]
+        expected = size + (5 if config.use_enhanced_features else 1)
+        if inputs == expected:
+            return
+        other = size + (1 if config.use_enhanced_features else 5)
+        if inputs == other:
+            said = "true" if config.use_enhanced_features else "false"
+            raise CheckpointError(
+                f"{where}: {key} has {inputs} inputs = hidden size {size} + {inputs - size}, i.e. the top-p head was "
+                f"trained {'without' if config.use_enhanced_features else 'with'} the enhanced features, but "
+                f"config.json says use_enhanced_features: {said}; set it to "
+                f"{'false' if config.use_enhanced_features else 'true'}")
+        raise CheckpointError(f"AutoDeco heads in {where} were trained for hidden size "
+                              f"{inputs - (expected - size)}, but the base model {name} has hidden size {size}")
 
 
 def _build_base_from_merged(folder: Path, config: AutoDecoConfig):
@@ -182,7 +198,7 @@ def merge_autodeco(heads_dir, output_dir, model=None, dtype="auto", max_shard_si
     tensors.update(heads)
     save_torch_state_dict(tensors, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
     config = copy.copy(config)
-    config.base_config = model.config.to_dict()
+    config.base_config = base_config_dict(model.config)
     config.base_model_type = model.config.model_type
     config.save(out)
     if tokenizer is not None:

@@ -1,10 +1,14 @@
 """AutoDeco's diagnostics figures, drawn from the per-token points and JSON lines that
 `callbacks.EntropyDiagnostics` collects during training (through `AutoDecoModule.diagnostics_figures`).
+Each figure says one thing:
 
-- `temperature_vs_required.png`: predicted vs required temperature, with y = x (above it min-p
-  keeps the label) and the head's range [0, 2].
-- `by_entropy.png`: each other per-token value (mean +/- std) in bins of token entropy.
-- `over_steps.png`: the per-line means over training.
+- `temperature_vs_required.png`: does the temperature head keep the label under min-p? Predicted
+  T against the required T_req (above the diagonal min-p keeps the label); points beyond the
+  x-axis are drawn at its edge and counted in the legend.
+- `by_entropy.png`: how the heads' outputs follow the base model's uncertainty: median and
+  interquartile range of each value in bins of token entropy that hold equally many tokens.
+- `over_steps.png`: how the per-token means moved during training, one panel per unit
+  (temperatures, top-p mass, entropy in nats, the fraction whose label min-p keeps).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import numpy as np
 
 from testtime.io import new_figure
 
-HEAD_T_RANGE = (0.0, 2.0)  # the temperature head's output range (sigmoid * 2)
+HEAD_T_MAX = 2.0  # the temperature head's upper bound (sigmoid * 2)
 
 
 def training_figures(points: dict[str, np.ndarray], records: list[dict], min_p_ratio: float | None = None) -> dict:
@@ -33,71 +37,97 @@ def temperature_vs_required(points: dict[str, np.ndarray], min_p_ratio: float | 
     if t.size == 0:
         return None
     fig, (ax,) = new_figure()
-    x_hi = max(HEAD_T_RANGE[1] * 1.25, float(np.quantile(t_req, 0.99)) * 1.05)
-    shown = np.minimum(t_req, x_hi)  # beyond the axis: drawn at its edge
+    x_hi = max(HEAD_T_MAX * 1.25, float(np.quantile(t_req, 0.99)) * 1.05)
+    inside = t_req <= x_hi
     alpha = float(np.clip(2000.0 / t.size, 0.05, 0.8))
-    ax.scatter(shown, t, s=4, alpha=alpha, color="tab:blue", linewidths=0, rasterized=True)
-    ax.plot([0, x_hi], [0, x_hi], color="black", lw=1, label="T = T_req (min-p boundary)")
-    ax.axhspan(*HEAD_T_RANGE, color="tab:green", alpha=0.06, label="head range [0, 2]")
-    for y in HEAD_T_RANGE:
-        ax.axhline(y, color="tab:green", lw=0.8, ls="--")
-    ax.set_xlim(0, x_hi)
-    ax.set_ylim(HEAD_T_RANGE[0] - 0.05, HEAD_T_RANGE[1] + 0.1)
-    ax.set_xlabel("required temperature T_req" + (f" (min-p r = {min_p_ratio:g})" if min_p_ratio else ""))
-    ax.set_ylabel("predicted temperature T")
+    ax.scatter(t_req[inside], t[inside], s=4, alpha=alpha, color="tab:blue", linewidths=0, rasterized=True,
+               label="tokens")
+    beyond = int((~inside).sum())
+    if beyond:
+        ax.scatter(np.full(beyond, x_hi), t[~inside], s=14, marker=">", color="tab:red", linewidths=0,
+                   label=f"{beyond} tokens with T_req > {x_hi:.1f}, drawn at the edge")
+    ax.plot([0, x_hi], [0, x_hi], color="black", lw=1, label="T = T_req: above it min-p keeps the label")
+    ax.axhline(HEAD_T_MAX, color="tab:green", lw=0.8, ls="--", label=f"the head's maximum T = {HEAD_T_MAX:g}")
+    ax.set_xlim(0, x_hi * 1.02)
+    ax.set_ylim(0, HEAD_T_MAX * 1.05)
+    ratio = f", min-p ratio r = {min_p_ratio:g}" if min_p_ratio else ""
+    ax.set_xlabel(f"required temperature T_req = (max logit - label logit) / -ln r{ratio}")
+    ax.set_ylabel("predicted temperature T (divides the logits)")
     ax.set_title(f"{t.size} tokens: min-p keeps the label for {(t >= t_req).mean():.1%}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=7)
     return fig
 
 
-def by_entropy(points: dict[str, np.ndarray], num_bins: int = 10):
+def _equal_count_bins(values: np.ndarray, num_bins: int) -> np.ndarray:
+    """Bin index of each value, bins holding (nearly) equally many values."""
+    order = np.argsort(values, kind="stable")
+    which = np.empty(values.size, dtype=int)
+    which[order] = np.arange(values.size) * num_bins // max(values.size, 1)
+    return which
+
+
+UNITS = {"temperature": "temperature (dimensionless)", "required_temperature": "temperature (dimensionless)",
+         "top_p": "top-p (probability mass)"}
+
+
+def by_entropy(points: dict[str, np.ndarray], num_bins: int = 8, min_tokens: int = 20):
+    """Median and interquartile range of T, T_req and P per bin of entropy; bins of equal counts,
+    fewer bins when there are fewer than `min_tokens` per bin."""
     entropy = points.get("entropy")
-    others = [n for n in ("temperature", "top_p", "required_temperature") if n in points]
-    others += sorted(n for n in points if n not in others and n not in ("entropy", "min_p_ok"))
-    if entropy is None or not others or not np.isfinite(entropy).any():
+    names = [n for n in ("temperature", "required_temperature", "top_p") if n in points]
+    if entropy is None or not names:
         return None
-    finite = entropy[np.isfinite(entropy)]
-    hi = max(float(finite.max()), 1e-6)
-    edges = np.linspace(0.0, hi, num_bins + 1)
-    which = np.clip(np.digitize(entropy, edges[1:-1]), 0, num_bins - 1)
-    centers = (edges[:-1] + edges[1:]) / 2
-    # Predicted and required temperature share a panel; every other value gets its own.
-    panels = [[n for n in ("temperature", "required_temperature") if n in others]]
-    panels = [p for p in panels if p] + [[n] for n in others if n not in ("temperature", "required_temperature")]
+    ok = np.isfinite(entropy)
+    for name in names:
+        ok &= np.isfinite(points[name])
+    if ok.sum() < min_tokens:
+        return None
+    entropy = entropy[ok]
+    num_bins = max(1, min(num_bins, int(ok.sum()) // min_tokens))
+    which = _equal_count_bins(entropy, num_bins)
+    centers = np.array([np.median(entropy[which == b]) for b in range(num_bins)])
+    counts = np.bincount(which, minlength=num_bins)
+    panels = [[n for n in ("temperature", "required_temperature") if n in names]] + [[n] for n in names if n == "top_p"]
+    panels = [p for p in panels if p]
     fig, axes = new_figure(len(panels))
-    for ax, names in zip(axes, panels):
-        counts = []
-        for offset, name in zip((0.0, 0.15), names):
-            means, stds, counts = [], [], []
-            for b in range(num_bins):
-                v = points[name][(which == b) & np.isfinite(entropy) & np.isfinite(points[name])]
-                counts.append(v.size)
-                means.append(v.mean() if v.size else np.nan)
-                stds.append(v.std() if v.size else np.nan)
-            x = centers + offset * (edges[1] - edges[0]) / 2
-            ax.errorbar(x, means, yerr=stds, fmt="o-", capsize=3, ms=4, label=f"{name} (mean ± std)")
-        for c, n in zip(centers, counts):
-            if n:
-                ax.annotate(str(n), (c, 0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
-                            fontsize=6, color="gray")
-        if "temperature" in names:
-            ax.axhspan(*HEAD_T_RANGE, color="tab:green", alpha=0.06)
-        ax.set_xlabel("entropy of the base distribution (nats)")
-        ax.set_ylabel(" / ".join(names))
-        ax.set_title(f"{' and '.join(names)} by token entropy")
-        ax.legend(fontsize=8)
+    for ax, group in zip(axes, panels):
+        for offset, name in zip((-0.01, 0.01), group):
+            v = points[name][ok]
+            q25, q50, q75 = (np.array([np.quantile(v[which == b], q) for b in range(num_bins)])
+                             for q in (0.25, 0.5, 0.75))
+            x = centers * (1 + offset)
+            ax.errorbar(x, q50, yerr=[q50 - q25, q75 - q50], fmt="o-", capsize=3, ms=4,
+                        label=f"{name}: median, 25-75%")
+        ax.set_xlabel(f"entropy of the base distribution (nats); {num_bins} bins of ~{int(counts.mean())} tokens")
+        ax.set_ylabel(UNITS[group[0]])
+        ax.set_ylim(bottom=0)
+        ax.set_title(" and ".join(group) + " by token entropy")
+        ax.legend(fontsize=7)
     return fig
 
 
 def over_steps(records: list[dict]):
+    """Per-line means over the training batches, one panel per unit."""
     if len(records) < 2:
         return None
     steps = [r["batch"] for r in records]
-    fig, (ax,) = new_figure()
-    for name in sorted({n for r in records for n in r["stats"]}):
-        means = [(r["stats"].get(name) or {}).get("mean") for r in records]
-        ax.plot(steps, [np.nan if m is None else m for m in means], label=f"mean {name}")
-    ax.set_xlabel("training batch")
-    ax.set_title("per-token diagnostics over training")
-    ax.legend(fontsize=8)
+    groups = [("temperature (dimensionless)", ["temperature", "required_temperature"]),
+              ("top-p (probability mass)", ["top_p"]),
+              ("entropy (nats)", ["entropy"]),
+              ("fraction of tokens", ["min_p_ok"])]
+    present = {n for r in records for n in r["stats"]}
+    groups = [(unit, [n for n in names if n in present]) for unit, names in groups]
+    groups = [(unit, names) for unit, names in groups if names]
+    if not groups:
+        return None
+    fig, axes = new_figure(min(2, len(groups)), len(groups), panel_size=(5.0, 3.6))
+    for ax, (unit, names) in zip(axes, groups):
+        for name in names:
+            means = [(r["stats"].get(name) or {}).get("mean") for r in records]
+            label = "min-p keeps the label (min_p_ok)" if name == "min_p_ok" else f"mean {name}"
+            ax.plot(steps, [np.nan if m is None else m for m in means], label=label)
+        ax.set_xlabel("training batch")
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=7)
+    fig.suptitle("per-token diagnostics over training")
     return fig

@@ -11,6 +11,9 @@ One home for each, so that a method never writes its own copy:
 - `pad(sequences, value, side)`, `left_pad(sequences, pad_id)`: batches of ids (and masks).
 - `eos_token_ids(model, tokenizer)`: every id that ends a completion; `cut_at_eos(ids, eos)` and
   `before_eos_mask(tokens, eos)` for lists and for [B, n] tensors.
+- `final_logits(model, hidden)` / `scale_logits(model, raw)`: the logits a causal LM really samples
+  from, given the final hidden state (the input of its lm_head), for the families that rescale
+  the lm_head output (Gemma-2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling).
 """
 
 from __future__ import annotations
@@ -115,3 +118,37 @@ def before_eos_mask(tokens: torch.Tensor, eos: Iterable[int] | torch.Tensor, kee
     if keep_eos:
         seen = seen - is_eos
     return seen == 0
+
+
+def _logit_transform(config):
+    """(kind, value) of the rescaling a config applies after lm_head, or None."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        return "softcap", float(cap)
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None and scale != 1.0:
+        return "scale", float(scale)
+    divisor = getattr(config, "logits_scaling", None)
+    if divisor is not None and divisor != 1.0:
+        return "divide", float(divisor)
+    return None
+
+
+def scale_logits(model, raw: torch.Tensor) -> torch.Tensor:
+    """The model's logits from the raw lm_head output: `tanh(z / cap) * cap` (Gemma-2/3
+    `final_logit_softcapping`), `z * logit_scale` (Cohere), `z / logits_scaling` (Granite), else `z`.
+    `model`: the model or its config."""
+    transform = _logit_transform(getattr(model, "config", model))
+    if transform is None:
+        return raw
+    kind, value = transform
+    if kind == "softcap":
+        return torch.tanh(raw / value) * value
+    return raw * value if kind == "scale" else raw / value
+
+
+def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from the final hidden state (after the final norm: the input of lm_head), exactly as
+    the model's own forward computes them, rescaling included (see `scale_logits`)."""
+    return scale_logits(model, model.get_output_embeddings()(hidden))

@@ -91,8 +91,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config and copy the weights.
     config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    for leftover in ("quantization_config", "_model_name_or_path"):  # of the GGUF file, not of the model
+        if hasattr(config, leftover):
+            delattr(config, leftover)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
