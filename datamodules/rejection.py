@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from datamodules.common import tokenize_records
 from datamodules.tasks import TaskDataModule
@@ -182,24 +183,72 @@ class RejectionSampledTaskDataModule(TaskDataModule):
         except Exception:  # a trainer whose strategy has no device yet
             return torch.device("cpu")
 
+    @property
+    def partial_path(self) -> Path:
+        """Records of an unfinished build (`<key>.partial.jsonl`), with its progress beside it."""
+        return self.cache_path.with_suffix(".partial.jsonl")
+
+    def _resume(self) -> tuple[list[dict], dict[str, int], int]:
+        """(records, stats, problems done) of an interrupted build of these records, or an empty start.
+
+        The progress file is written after the records it counts, so records beyond its count (a
+        crash between the two writes) are dropped and sampled again: no duplicates.
+        """
+        progress = self.partial_path.with_suffix(".progress.json")
+        if not (self.partial_path.is_file() and progress.is_file()):
+            return [], {}, 0
+        state = json.loads(progress.read_text(encoding="utf-8"))
+        lines = self.partial_path.read_text(encoding="utf-8").splitlines()[: state["records"]]
+        return [json.loads(line) for line in lines], state["stats"], state["problems_done"]
+
     def _sample(self) -> None:
-        """Sample from the base model and write records + stats to the cache (atomically)."""
+        """Sample from the base model and write records + stats to the cache.
+
+        Problems are sampled in chunks of 8 generation batches; after each chunk its records are
+        appended to `partial_path` and the progress recorded, so an interrupted build resumes where
+        it stopped (with the same random draws: batch i is sampled with seed + i either way). The
+        finished records move into `cache_path` atomically.
+        """
         hp = self.hparams
-        path = self.cache_path
+        path, problems = self.cache_path, self.problems["train"]
         device = self._generation_device()
+        records, stats, done = self._resume() if hp.cache else ([], {}, 0)
+        if done:
+            log.info("resuming the rejection sampling of %s at problem %d of %d (%d records so far)", path, done,
+                     len(problems), len(records))
         log.info("rejection sampling %d training problems with %s (%s) on %s; writing %s",
-                 len(self.problems["train"]), self.model_name_or_path, self._settings_text(), device, path)
+                 len(problems), self.model_name_or_path, self._settings_text(), device, path)
         start = time.perf_counter()
         model, tokenizer = load_model_and_tokenizer(self.model_name_or_path, device=device)
+        progress_path = self.partial_path.with_suffix(".progress.json")
+        self.partial_path.parent.mkdir(parents=True, exist_ok=True)
+        chunk = hp.generation_batch_size * 8
+        bar = tqdm(total=len(problems), initial=done, desc=f"rejection sampling (k={hp.samples_per_problem})",
+                   unit="problem")
         try:
-            records, stats = rejection_sample(
-                model, tokenizer, self.problems["train"], k=hp.samples_per_problem,
-                temperature=hp.sample_temperature, top_p=hp.sample_top_p, max_new_tokens=hp.sample_max_new_tokens,
-                batch_size=hp.generation_batch_size, seed=hp.seed, progress=True)
+            with open(self.partial_path, "w", encoding="utf-8") as partial:
+                # what the progress file counts (records past it, from a crash, are sampled again)
+                partial.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                for first in range(done, len(problems), chunk):
+                    new, counts = rejection_sample(
+                        model, tokenizer, problems[first:first + chunk], k=hp.samples_per_problem,
+                        temperature=hp.sample_temperature, top_p=hp.sample_top_p,
+                        max_new_tokens=hp.sample_max_new_tokens, batch_size=hp.generation_batch_size,
+                        seed=hp.seed + first // hp.generation_batch_size, progress=False)
+                    records += new
+                    stats = {key: stats.get(key, 0) + value for key, value in counts.items()}
+                    partial.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
+                    partial.flush()
+                    atomic_write_text(progress_path, json.dumps({"problems_done": min(first + chunk, len(problems)),
+                                                                 "records": len(records), "stats": stats}))
+                    bar.update(min(chunk, len(problems) - first))
+                    bar.set_postfix(kept=len(records))
         finally:
+            bar.close()
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        stats["kept"] = len(records)
         seconds = time.perf_counter() - start
         sidecar = {**stats, "model": self.model_name_or_path, "settings": self.sampling_settings(),
                    "problems_settings": {"n_train": hp.n_train, "difficulty": hp.difficulty, "kinds": hp.kinds,
@@ -207,6 +256,8 @@ class RejectionSampledTaskDataModule(TaskDataModule):
                    "seconds": round(seconds, 2), "device": str(device), "records_file": path.name}
         atomic_write_text(self.stats_path, json.dumps(sidecar, indent=2) + "\n")
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self.partial_path.unlink(missing_ok=True)
+        progress_path.unlink(missing_ok=True)
         message = describe_stats(stats)
         if stats["kept"] == 0:
             log.warning("rejection sampling with %s: %s (%.1f s)", self.model_name_or_path, message, seconds)

@@ -179,3 +179,19 @@ def test_the_static_baselines_are_chosen_on_validation_never_on_test(tiny_model_
     assert module.best_static.temperature == 0.5 and module.best_static.top_p == 1.0
     results = json.loads((tmp_path / "test_results.json").read_text())
     assert results["best_static"] == "sample_T0.5_p1" and "best_static" in results["results"]
+
+
+def test_the_hinge_recipe_runs_through_the_cli_on_the_tiny_model(run_cli, tmp_path):
+    root = tmp_path / "runs/autodeco-smollm2-hinge"  # the recipe's folders, under the test's working folder
+    out = run_cli("fit", "--config", str(ROOT / "configs/autodeco/smollm2_hinge.yaml"),
+                  "--model.init_args.model_name_or_path=tiny-random-llama", "--model.init_args.eval_num_samples=1",
+                  "--model.init_args.eval_max_new_tokens=4", "--data=datamodules.tasks.TaskDataModule",
+                  "--data.n_train=16", "--data.n_val=2", "--data.n_test=2", "--data.batch_size=8",
+                  "--trainer.max_steps=2", "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    header = next(root.rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    assert "goldilocks/kept" in header and "train/temp_loss" in header and "train/top_p_loss" not in header
+    config = json.loads((root / "export" / "config.json").read_text())
+    assert config["enable_temperature_head"] and not config["enable_top_p_head"]
+    results = json.loads(next(root.rglob("test_results.json")).read_text())
+    assert set(results["results"]) == {"greedy", "sample_T1_p1", "best_static", "mean_static", "autodeco"}

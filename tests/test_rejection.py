@@ -15,7 +15,7 @@ import torch
 
 from datamodules.common import tokenize_prompt_completion
 from testtime.lm import IGNORE_INDEX
-from testtime.evaluation import extract_answer, rejection_sample
+from testtime.evaluation import extract_answer, is_correct, rejection_sample
 from testtime.tasks import Problem, make_problems, prompt_messages
 
 QUESTION = re.compile(r"What is (\d+) ([-+*]) (\d+)\?")
@@ -462,3 +462,52 @@ def test_smollm2_rejection_samples_its_own_correct_solutions(smollm2):
     answers = {p.question: p.answer for p in problems}
     for record in records:
         assert extract_answer(record["completion"][0]["content"]) == answers[record["question"]]
+
+
+def test_the_size_knob_samples_exactly_the_problems_asked_and_keeps_only_correct_solutions(tiny_model_dir, sampler):
+    dm = make_dm(tiny_model_dir, n_train=21, samples_per_problem=3, generation_batch_size=2)
+    dm.prepare_data()
+    stats = json.loads(dm.stats_path.read_text())
+    assert stats["problems"] == 21 and stats["samples"] == 63
+    records = [json.loads(line) for line in dm.cache_path.read_text().splitlines()]
+    assert {r["question"] for r in records} <= {p.question for p in dm.problems["train"]}
+    assert all(is_correct(r["completion"][0]["content"], r["answer"]) for r in records)
+    assert len(records) == stats["kept"] and len({(r["question"], r["completion"][0]["content"]) for r in records}) \
+        == len(records)
+
+
+def test_an_interrupted_build_resumes_from_its_cache_without_duplicates(tiny_model_dir, sampler, tmp_path,
+                                                                      monkeypatch):
+    sampler.policy = staticmethod(lambda index, row: [right, worked, wrong][row % 3])  # the same for every problem
+    args = dict(n_train=20, samples_per_problem=3, generation_batch_size=1)  # chunks of 8 problems
+    full = make_dm(tiny_model_dir, **args)
+    full.prepare_data()
+    expected = full.cache_path.read_text().splitlines()
+    for path in (full.cache_path, full.stats_path):
+        path.unlink()
+
+    calls, stop_at = [], [2]
+    inner = type(sampler).__call__
+
+    def recording(self, model, tokenizer, problems, **kwargs):
+        calls.append(([p.question for p in problems], kwargs["seed"]))
+        if len(calls) in stop_at:
+            raise KeyboardInterrupt  # the user stops the build during its second chunk
+        return inner(self, model, tokenizer, problems, **kwargs)
+
+    monkeypatch.setattr(type(sampler), "__call__", recording)
+    dm = make_dm(tiny_model_dir, **args)
+    with pytest.raises(KeyboardInterrupt):
+        dm.prepare_data()
+    assert not dm.cache_path.exists() and dm.partial_path.is_file()
+    with open(dm.partial_path, "a") as f:  # a crash between the records and the progress file
+        f.write(json.dumps({"prompt": "x", "completion": "y"}) + "\n")
+
+    calls.clear()
+    stop_at.clear()
+    resumed = make_dm(tiny_model_dir, **args)
+    resumed.prepare_data()
+    train = [p.question for p in resumed.problems["train"]]
+    assert calls == [(train[8:16], 5 + 8), (train[16:], 5 + 16)]  # only what was left, with the same seeds
+    assert resumed.cache_path.read_text().splitlines() == expected  # no duplicate, nothing lost
+    assert not resumed.partial_path.exists()
