@@ -11,6 +11,9 @@ Importing the package registers the classes, so configs may name them by their s
   own figures (`diagnostics_summary`, `diagnostics_figures`).
 - `ExportOnFitEnd` (`callbacks.export`): writes the method's serving checkpoint when `fit` ends.
 - `PredictionWriter` (`callbacks.predictions`): writes what `predict` returns to `predictions.jsonl`.
+- `HeadAgencyTracker`, `EntropyPruningController`, `GateHeatmap` (`callbacks.head_gates`): per-head
+  utilization states, the seed's controller that lowers the gates of high-entropy heads on a
+  schedule, and a gate heat map PNG per epoch, through `HeadGateModule`'s small interface.
 
 Callbacks import `testtime/` only, never `lightning_modules/` or `cli.py`; they talk to a module
 through the attributes and methods above (`token_filter`, `collect_diagnostics`, `export`, ...).
@@ -19,6 +22,8 @@ through the attributes and methods above (`token_filter`, `collect_diagnostics`,
 from callbacks.entropy_diagnostics import EntropyDiagnostics
 from callbacks.export import ExportOnFitEnd
 from callbacks.goldilocks import GoldilocksFilter
+from callbacks.head_gates import EntropyPruningController, GateHeatmap, HeadAgencyTracker
 from callbacks.predictions import PredictionWriter
 
-__all__ = ["EntropyDiagnostics", "ExportOnFitEnd", "GoldilocksFilter", "PredictionWriter"]
+__all__ = ["EntropyDiagnostics", "EntropyPruningController", "ExportOnFitEnd", "GateHeatmap", "GoldilocksFilter",
+           "HeadAgencyTracker", "PredictionWriter"]
