@@ -1,6 +1,7 @@
 """LightningDataModules: SFT records, LM text blocks, generated verifiable tasks, rejection-sampled solutions,
-prompt files, memory-test documents."""
+prompt files, memory-test documents, dialogs."""
 
+from datamodules.dialog import DialogDataModule, TaskDialogDataModule
 from datamodules.lm_text import LMTextDataModule
 from datamodules.memory import MemoryTestDataModule
 from datamodules.prompts import PromptDataModule
@@ -8,4 +9,5 @@ from datamodules.rejection import RejectionSampledTaskDataModule
 from datamodules.sft import SFTDataModule
 from datamodules.tasks import TaskDataModule
 
-__all__ = ["LMTextDataModule", "MemoryTestDataModule", "PromptDataModule", "RejectionSampledTaskDataModule", "SFTDataModule", "TaskDataModule"]
+__all__ = ["DialogDataModule", "LMTextDataModule", "MemoryTestDataModule", "PromptDataModule",
+           "RejectionSampledTaskDataModule", "SFTDataModule", "TaskDataModule", "TaskDialogDataModule"]

@@ -63,6 +63,27 @@ def read_json_array(path: Path) -> list[Any]:
 
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
+
+
+def load_dataset_split(name: str, config: str | None, split: str):
+    """One split of a `datasets` source: a folder written by `save_to_disk` or a hub id / data folder
+    for `datasets.load_dataset`; a missing split names those there are."""
+    import datasets
+
+    path = Path(name).expanduser()
+    if is_saved_dataset(path):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{name}: no split {split!r}; it has {sorted(loaded)}")
+            loaded = loaded[split]
+        return loaded
+    return datasets.load_dataset(name, config, split=split)
+
+
 # -- records ---------------------------------------------------------------------------------------
 
 def normalize_record(record: dict, source: str, index: int) -> dict:

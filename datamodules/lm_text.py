@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from datamodules.common import TokenizerDataModule
+from datamodules.common import TokenizerDataModule, is_saved_dataset, load_dataset_split
 from testtime.errors import DataError
 from testtime.io import atomic_write
 from testtime.loading import cache_dir
@@ -188,7 +188,7 @@ class LMTextDataModule(TokenizerDataModule):
         path = Path(hp.source).expanduser()
         if path.is_file():
             return self._file_documents(path.parent, [path], hp.source), f"file:{path.resolve()}", True
-        if path.is_dir() and not self._is_saved_dataset(path):
+        if path.is_dir() and not is_saved_dataset(path):
             files = list_files(path, list(hp.patterns))
             if not files:
                 raise DataError(f"source {hp.source}: no files match {list(hp.patterns)}")
@@ -197,10 +197,6 @@ class LMTextDataModule(TokenizerDataModule):
                                   or path.suffix in TEXT_SUFFIXES):
             raise FileNotFoundError(f"source {hp.source} does not exist")
         return self._dataset_documents()
-
-    @staticmethod
-    def _is_saved_dataset(path: Path) -> bool:
-        return any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
 
     @staticmethod
     def _file_documents(root: Path, files: list[Path], what: str) -> list[Document]:
@@ -214,18 +210,8 @@ class LMTextDataModule(TokenizerDataModule):
         return docs
 
     def _dataset_documents(self) -> tuple[list[Document], str, bool]:
-        import datasets
-
         hp = self.hparams
-        path = Path(hp.source).expanduser()
-        if path.is_dir():
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if hp.dataset_split not in loaded:
-                    raise DataError(f"{hp.source}: no split {hp.dataset_split!r}; it has {sorted(loaded)}")
-                loaded = loaded[hp.dataset_split]
-        else:
-            loaded = datasets.load_dataset(hp.source, hp.dataset_config, split=hp.dataset_split)
+        loaded = load_dataset_split(hp.source, hp.dataset_config, hp.dataset_split)
         if hp.text_column not in loaded.column_names:
             raise DataError(f"{hp.source}: no column {hp.text_column!r}; it has {loaded.column_names}")
         texts = [t for t in loaded[hp.text_column] if t]

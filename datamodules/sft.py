@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from datamodules.common import (
     PadCollator,
     TokenizerDataModule,
+    load_dataset_split,
     normalize_record,
     read_json_array,
     read_jsonl,
@@ -35,12 +36,6 @@ DATASETS_SUFFIXES = (".parquet", ".arrow")
 
 
 # -- reading records ---------------------------------------------------------------------------
-
-def _is_saved_dataset(path: Path) -> bool:
-    """A folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
-    return path.is_dir() and any((path / name).is_file()
-                                 for name in ("state.json", "dataset_dict.json"))
-
 
 def read_records(path: str | os.PathLike) -> list[dict]:
     """Normalized `{"prompt", "completion"}` records of one local file, checked one by one."""
@@ -68,17 +63,7 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 
 def load_dataset_records(name: str, config: str | None, split: str) -> list[dict]:
     """Normalized records of one split of a `datasets` source (hub id, local folder or saved dataset)."""
-    import datasets
-
-    path = Path(name).expanduser()
-    if _is_saved_dataset(path):
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise DataError(f"{name}: no split {split!r}; it has {sorted(loaded)}")
-            loaded = loaded[split]
-    else:
-        loaded = datasets.load_dataset(name, config, split=split)
+    loaded = load_dataset_split(name, config, split)
     source = f"{name}[{split}]"
     return [normalize_record(row, source=source, index=i) for i, row in enumerate(loaded)]
 

@@ -1,7 +1,8 @@
 """A datamodule over the procedurally generated arithmetic problems of `testtime.tasks`.
 
 Train batches are SFT examples (the prompt, then the worked solution as the assistant's answer):
-`input_ids`, `attention_mask`, `labels` (-100 on the prompt), right-padded.
+`input_ids`, `attention_mask`, `labels` (-100 on the prompt), right-padded, plus the generation
+fields below (methods that sample while training, like GRPO, use them).
 
 Validation and test batches carry the same SFT fields (for a loss) plus what generation needs:
 `prompt_ids` / `prompt_mask` (the prompt alone, LEFT-padded, ending with the assistant header),
@@ -122,7 +123,8 @@ class TaskDataModule(TokenizerDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, True, SFTCollator(self.tokenizer.pad_token_id))
+        # the generation fields too: methods that sample during training (GRPO) need the prompt and answer
+        return self._loader("train", self.batch_size, True, GenerationCollator(self.tokenizer.pad_token_id))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", self.eval_batch_size, False, GenerationCollator(self.tokenizer.pad_token_id))

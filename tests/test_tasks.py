@@ -168,8 +168,16 @@ def test_train_batches(datamodule):
     tok = datamodule.tokenizer
     solutions = {p.solution for p in datamodule.problems["train"]}
     batch = next(iter(datamodule.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "prompt_ids", "prompt_mask", "answers", "questions"}
     assert batch["input_ids"].shape == batch["labels"].shape == (4, batch["input_ids"].shape[1])
+    # each row's generation prompt is its SFT row's prompt part, left-padded; its answer is the problem's
+    by_question = {p.question: p for p in datamodule.problems["train"]}
+    for ids, labels, prompt, prompt_mask, question, answer in zip(
+            batch["input_ids"], batch["labels"], batch["prompt_ids"], batch["prompt_mask"], batch["questions"],
+            batch["answers"]):
+        first = int((labels != IGNORE_INDEX).nonzero()[0])
+        assert prompt[prompt_mask.bool()].tolist() == ids[:first].tolist()
+        assert by_question[question].answer == answer
     for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
         n = int(mask.sum())
         assert mask[:n].all() and not mask[n:].any()  # right padded
