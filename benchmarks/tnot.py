@@ -1,19 +1,31 @@
-"""TNOT cost: prompt-stage optimization overhead on generation, and peak memory of the chunked CE.
+"""TNOT cost: prompt-stage optimization and entropy-control overhead on generation, the cost of a
+retry, and peak memory of the chunked CE.
 
-    python benchmarks/tnot.py --device cpu --tiny --out /tmp/tnot_tiny.json        # smoke test (CPU)
+    python benchmarks/tnot.py --device cpu --tiny --out /tmp/tnot_tiny.json        # smoke test (CPU, every measurement)
 
-On an H100 (each command fits the device's 10-minute call; run from the repository root with
-PYTHONPATH=$PWD, $OUT the device's output folder; about 15-20 minutes in all):
+On an H100/H200 (each command fits the device's 10-minute call; run from the repository root with
+PYTHONPATH=$PWD, $OUT the device's output folder; transformers >= 5.24, whose generate takes
+`cache=`):
 
-    # 1-2. static cache (generate compiles the decode step), 512 new tokens, prompts 256 and 4096
+    # 1-2. static cache (generate compiles the decode step), 512 new tokens, prompts 256 and 4096:
+    #      slot at times 1/3/5 and srgen with entropy control at times 3 (no sample stops)
     python benchmarks/tnot.py --device cuda --models smollm2-135m --paths static --skip-memory --out $OUT/tnot_smollm2_static.json
     python benchmarks/tnot.py --device cuda --models llama3.2-1b --paths static --skip-memory --out $OUT/tnot_llama1b_static.json
     # 3. dynamic cache (eager, ~25 ms/token, CPU-bound): 128 new tokens instead of 512
     python benchmarks/tnot.py --device cuda --models smollm2-135m,llama3.2-1b --paths dynamic --dynamic-new-tokens 128 --skip-memory --out $OUT/tnot_dynamic.json
     # 4. peak memory at a 16K-token prompt, chunked (1024) vs unchunked CE
     python benchmarks/tnot.py --device cuda --models smollm2-135m,llama3.2-1b --skip-overhead --out $OUT/tnot_memory.json
+    # 5-6. the cost of one retry (srgen, every judged token stops): dynamic cache, KV reuse vs re-prefill;
+    #      static cache (re-prefill; each retry pass has new cache shapes: the warm-up compiles them)
+    python benchmarks/tnot.py --device cuda --models smollm2-135m,llama3.2-1b --retry-cost --paths dynamic --skip-overhead --skip-memory --skip-prompt-stage --out $OUT/tnot_retry_dynamic.json
+    python benchmarks/tnot.py --device cuda --models smollm2-135m,llama3.2-1b --retry-cost --paths static --retries 0,2,4 --skip-overhead --skip-memory --skip-prompt-stage --out $OUT/tnot_retry_static.json
     # optional: dynamic with the full 512 new tokens (~13 s a run on smollm2), one prompt length a call
     python benchmarks/tnot.py --device cuda --models smollm2-135m --paths dynamic --prompt-lens 4096 --skip-memory --out $OUT/tnot_dyn512.json
+
+What to record: the rows' `srgen_t3` ratio on the static path (goal: at most 1.10x of plain, with
+`srgen_t3_same_tokens_as_plain` 1.0 and `dynamo_during_timing` 0 graphs and 0 graph breaks), the
+`slot_tN` ratios as before, and from commands 5-6 the ms per retry (reuse, re-prefill) beside
+plain's ms per token, at both prompt lengths.
 
 Fewer new tokens can only raise the ratio: the prompt-stage cost is paid once per generate, so
 128 tokens spread it over 4x fewer tokens than 512 (the per-token part, the delta added before
@@ -26,37 +38,48 @@ at a time (inductor's cache on the machine makes the second compile of a graph f
 Speed does not depend on the weights: models are built from configs with random weights (bf16 on
 GPU, float32 on CPU), sdpa attention. `smollm2-135m` is SmolLM2-135M's config, `llama3.2-1b`
 Llama-3.2-1B's (without its llama3 rope scaling, which only rescales the RoPE frequencies once
-at init and costs nothing per token).
+at init and costs nothing per token). The last vocabulary id is the EOS that entropy control
+forces; its lm_head row is zeroed (a logit of 0 against the random others' maximum), so greedy
+decoding never picks it and every run generates exactly its tokens.
 
 Overhead, per model, cache path, prompt length (random tokens, batch 1 by default): greedy
-generation of exactly --new-tokens tokens (no EOS), methods interleaved over --repeats rounds
-(order reversed every other round), after --warmup runs each (on the static path the warm-up
-compiles; on the dynamic path it uses 16 new tokens, there is nothing to compile). Methods:
-- `plain`: `model.generate_without_tnot`, the original generate of the TNOT-enabled model. The
-  hooks stay registered but are inert outside TNOT's generate (each returns at its first check:
-  not in TNOT's generate / no delta to apply): 4 Python calls per forward, against ~1,100 kernel
-  launches. A truly hook-free model would be the same object before `enable_tnot_model`, which
-  cannot be timed interleaved with it (the hooks cannot be removed through the API).
-- `slot_tN`: `enable_tnot_model(model, TNOTConfig(prompt_only=True, times=N, lr=0.1, mode="slot",
-  entropy_control=False))` then `model.generate`: N AdamW steps on the prompt, then the delta is
-  added before lm_head at every generated token (the most work per token).
-- `srgen_tN`: mode "srgen" without entropy control: fits delta_normal and applies nothing at
-  decode, so it is the pure prompt-stage cost (its tokens should equal plain's: the row's
-  `srgen_t3_same_tokens_as_plain`, the fraction of equal new tokens in the warm-up run, is 1.0).
+generation of exactly --new-tokens tokens, methods interleaved over --repeats rounds (order
+reversed every other round), after --warmup runs each (on the static path the warm-up compiles;
+on the dynamic path it uses 16 new tokens, there is nothing to compile). Methods:
+- `plain`: `model.generate_without_tnot`, the original generate of the TNOT-enabled model. Its two
+  hooks stay registered but are inert outside TNOT's generate (each returns at its first check),
+  against ~1,100 kernel launches per forward.
+- `slot_tN`: `TNOTConfig(prompt_only=True, times=N, lr=0.1, mode="slot")`: N AdamW steps on the
+  prompt, then the delta is added before lm_head at every generated token (the most work per token).
+- `srgen_tN`: `TNOTConfig(prompt_only=True, times=N, lr=0.1, mode="srgen", entropy_control=True,
+  entropy_threshold=1e9, adaptive_entropy=True, adaptive_entropy_N=25, adaptive_entropy_K=4.0)`:
+  the entropy-control processor at every token with the recommended adaptive threshold, which a
+  random model's near-constant entropy never exceeds (no sample stops: its tokens equal plain's,
+  `srgen_tN_same_tokens_as_plain`, the fraction of equal new tokens in the warm-up run, is 1.0),
+  delta_normal skipped (the default). Goal at times=3: 1.10x.
+- `srgen-published_tN` (--published-times): the same with `fit_delta_normal=True`, the published
+  code's N never-applied AdamW steps at the prompt.
 Reported: median seconds per run, ms per generated token (prefill and optimization included),
 and the ratio to plain as the median over rounds of the paired ratio (adjacent runs, so slow
-drifts of the machine cancel). Goal: at most 1.05x at times=5 (SLOT reports ~1.08x at 3
-steps, SRGen ~1.49x).
+drifts of the machine cancel).
 
 On the static path generate compiles `model.__call__`; dynamo traces the body and lm_head hooks,
-so each cache shape gets 3 graphs (plain: hooks inert; slot: a delta tensor to add; srgen: in
-TNOT's generate, no delta), then none per call (checked on CPU with inductor; each row records the
-graphs compiled during its timed rounds in `dynamo_during_timing`, which should be 0).
+so each cache shape gets 2 graphs (hooks inert: plain and srgen, whose entropy control runs outside
+the forward; slot: a delta tensor to add), then none per call (each row records the graphs
+compiled and the graph breaks during its timed rounds in `dynamo_during_timing`, both should be 0).
 
 Prompt stage alone: the same methods with max_new_tokens=1 (prefill + optimization, one
 token), dynamic cache (the prefill is eager on both paths), --prompt-stage-repeats rounds; the
 paired difference to plain is the optimization's cost. Run at the start of every command,
 also with --skip-overhead (a few seconds; --skip-prompt-stage to leave it out).
+
+Retry cost (--retry-cost), per model, cache path, prompt length: srgen (times 3, lr 0.01) with a
+threshold of 0, so every judged token stops; a generate of R + 1 new tokens with max_retries=R
+then makes R retries (each reflects on one token and stops at the next) and a last pass of one
+token. Timed for R in --retries, with KV reuse (dynamic cache: only the last kept token goes
+through the body) and without (`model.tnot.reuse_cache = False`: a full re-prefill, as published;
+the only way on the static path), beside plain generating R + 1 tokens. Reported: the least-squares
+slope in ms per retry and plain's in ms per token.
 
 Memory (CUDA only): peak allocated during one generate with max_new_tokens=1 at a
 --memory-prompt-len prompt: plain, TNOT slot times=1 with ce_chunk=--ce-chunk (chunked) and with
@@ -70,6 +93,7 @@ benchmarks/RESULTS.md) next to it, and prints the rows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -99,13 +123,23 @@ def out_of_time(args) -> bool:
 
 def build(name: str, device, dtype):
     extra = {"max_position_embeddings": MAX_POSITIONS[name]} if name in MAX_POSITIONS else {}
-    model = random_llama(name, device, dtype, attn_implementation="sdpa", **extra)  # no EOS: exact token counts
-    return enable_tnot_model(model, TNOTConfig(prompt_only=True, times=1, lr=0.1, mode="slot", entropy_control=False))
+    model = random_llama(name, device, dtype, attn_implementation="sdpa", **extra)
+    # an EOS for entropy control to force that greedy decoding never picks: exact token counts
+    eos = model.config.vocab_size - 1
+    with torch.no_grad():
+        model.get_output_embeddings().weight[eos] = 0
+    model.generation_config.eos_token_id = eos
+    return enable_tnot_model(model, TNOTConfig(prompt_only=True, times=1, lr=0.1, mode="slot"))
 
 
 def tnot_config(method: str, **extra) -> TNOTConfig:
+    """`slot_tN`, `srgen_tN` (entropy control, no sample stops) or `srgen-published_tN` (and delta_normal)."""
     mode, times = method.split("_t")
-    return TNOTConfig(prompt_only=True, times=int(times), lr=0.1, mode=mode, entropy_control=False, **extra)
+    settings = dict(prompt_only=True, times=int(times), lr=0.1, mode="slot" if mode == "slot" else "srgen")
+    if mode != "slot":  # the recommended adaptive threshold (N=25, K=4) over a static one no entropy reaches
+        settings.update(entropy_control=True, entropy_threshold=1e9, adaptive_entropy=True, adaptive_entropy_N=25,
+                        adaptive_entropy_K=4.0, fit_delta_normal=mode == "srgen-published")
+    return TNOTConfig(**{**settings, **extra})
 
 
 def method_fn(model, method, ids, mask, kwargs, **extra):
@@ -115,6 +149,7 @@ def method_fn(model, method, ids, mask, kwargs, **extra):
 
     def run():
         model.tnot_config = cfg
+        model.reset_model_parameters()  # a new problem (max_retries 0 would otherwise continue the last one)
         return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     return run
 
@@ -130,12 +165,17 @@ def dynamo_stats():
     return {"unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
 
 
+def overhead_methods(args) -> list[str]:
+    return (["plain"] + [f"slot_t{t}" for t in args.times] + [f"srgen_t{t}" for t in args.srgen_times]
+            + [f"srgen-published_t{t}" for t in args.published_times])
+
+
 # ------------------------------------------------------------------------------------------------
 # overhead
 
 
 def bench_overhead(name, model, args, device, results):
-    methods = ["plain"] + [f"slot_t{t}" for t in args.times] + [f"srgen_t{t}" for t in args.srgen_times]
+    methods = overhead_methods(args)
     for path in args.paths:
         new_tokens = args.new_tokens if path == "static" else (args.dynamic_new_tokens or args.new_tokens)
         # warm-up: the static path compiles at the first decode step of each cache shape, so it must
@@ -164,11 +204,11 @@ def bench_overhead(name, model, args, device, results):
                         assert out.shape == (batch, prompt_len + warm_tokens), out.shape
                         outs[m] = out[:, prompt_len:]
                         live.append(m)
-                    except Exception as err:  # e.g. the compiled static path failing with the hooks
+                    except Exception as err:  # e.g. the compiled static path failing
                         row["errors"][m] = f"{type(err).__name__}: {err}"[:2000]
                         log(f"  {m} FAILED: {row['errors'][m][:300]}")
                     dump(results, args.out)
-                for m in live:  # same tokens as plain? srgen (delta not applied) must match exactly
+                for m in live:  # same tokens as plain? srgen (no delta applied, no stop) must match exactly
                     if m != "plain" and "plain" in outs:
                         row[f"{m}_same_tokens_as_plain"] = float((outs[m] == outs["plain"]).float().mean())
                 times = {m: [] for m in live}
@@ -202,7 +242,7 @@ def bench_overhead(name, model, args, device, results):
 
 def bench_prompt_stage(name, model, args, device, results):
     """Prefill + optimization + one token, dynamic cache: TNOT minus plain is the optimization's cost."""
-    methods = ["plain"] + [f"slot_t{t}" for t in args.times]
+    methods = ["plain"] + [f"slot_t{t}" for t in args.times] + [f"srgen-published_t{t}" for t in args.published_times]
     for prompt_len in args.prompt_lens:
         if out_of_time(args):
             break
@@ -224,6 +264,69 @@ def bench_prompt_stage(name, model, args, device, results):
         log("  prompt stage " + json.dumps(row))
         results["prompt_stage"].append(row)
         dump(results, args.out)
+
+
+# ------------------------------------------------------------------------------------------------
+# retry cost
+
+
+def slope(xs, ys) -> float:
+    """Least-squares slope of ys over xs."""
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def bench_retry_cost(name, model, args, device, results):
+    """srgen with every judged token stopped: R retries in a generate of R + 1 tokens (see the docstring)."""
+    retries = args.retries
+    for path in args.paths:
+        variants = ["reuse", "re-prefill"] if path == "dynamic" else ["re-prefill"]  # static: never reusable
+        for prompt_len in args.prompt_lens:
+            row = {"model": name, "path": path, "prompt_len": prompt_len, "retries": retries, "errors": {}}
+            results["retry_cost"].append(row)
+            if out_of_time(args):
+                row["errors"]["all"] = "skipped: --deadline-s reached"
+                continue
+            ids, mask = prompts(model.config.vocab_size, 1, prompt_len, device, seed=prompt_len)
+            common = dict(do_sample=False, pad_token_id=0)
+            if path == "static":
+                common["cache_implementation"] = "static"
+            fns = {}
+            for r in retries:
+                kwargs = dict(common, max_new_tokens=r + 1)
+                fns[("plain", r)] = method_fn(model, "plain", ids, mask, kwargs)
+                for v in variants:
+                    run = method_fn(model, "srgen_t3", ids, mask, kwargs, lr=0.01, entropy_threshold=0.0,
+                                    adaptive_entropy=False, max_retries=r)
+
+                    def fn(run=run, reuse=v == "reuse", r=r):
+                        model.tnot.reuse_cache = reuse
+                        try:
+                            out = run()
+                        finally:
+                            model.tnot.reuse_cache = True
+                        assert model.retries == [r] and len(model.stop_positions[0]) == r + 1  # every retry happened
+                        return out
+                    fns[(v, r)] = fn
+            try:
+                for key, fn in fns.items():  # warm-up (the static path compiles each pass's shapes)
+                    for _ in range(max(args.warmup, 1)):
+                        fn()
+                times = {key: [] for key in fns}
+                for rnd in range(args.repeats):
+                    for key in (list(fns) if rnd % 2 == 0 else list(fns)[::-1]):
+                        times[key].append(timed(fns[key], device)[0])
+            except Exception as err:
+                row["errors"]["run"] = f"{type(err).__name__}: {err}"[:2000]
+                log(f"  retry cost FAILED: {row['errors']['run'][:300]}")
+                dump(results, args.out)
+                continue
+            for v in ["plain"] + variants:
+                medians = [1000 * statistics.median(times[(v, r)]) for r in retries]
+                row[f"{v}_ms"] = medians
+                row[f"{v}_ms_per_{'token' if v == 'plain' else 'retry'}"] = slope(retries, medians)
+            log("  retry cost " + json.dumps(row))
+            dump(results, args.out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,6 +396,12 @@ def markdown(results, methods) -> str:
         for r in results["prompt_stage"]:
             lines.append(f"| {r['model']} | {r['prompt_len']} | {r['plain_ms']:.1f} | "
                          + " | ".join(f"{r[f'{m}_extra_ms']:.1f}" for m in names) + " |")
+    if results["retry_cost"]:
+        lines += ["", "| model | cache | prompt | plain ms/token | ms per retry, KV reuse | ms per retry, re-prefill |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in results["retry_cost"]:
+            lines.append(f"| {r['model']} | {r['path']} | {r['prompt_len']} | {fmt(r.get('plain_ms_per_token'))} | "
+                         f"{fmt(r.get('reuse_ms_per_retry'))} | {fmt(r.get('re-prefill_ms_per_retry'))} |")
     if results["memory"]:
         lines += ["", "| model | prompt | weights GiB | plain peak GiB | chunked CE peak GiB | unchunked CE peak GiB |",
                   "| --- | --- | --- | --- | --- | --- |"]
@@ -326,9 +435,10 @@ def plot(results, path: Path):
                 ax.plot([int(k[7:-6])], [r[k]], marker="x", ms=9, color=line.get_color(), ls="")
                 ticks.add(int(k[7:-6]))
     ax.set_xticks(sorted(ticks))
-    ax.axhline(1.05, color="tab:green", ls="--", lw=1, label="goal 1.05x at times=5")
+    ax.axhline(1.05, color="tab:green", ls="--", lw=1, label="goal 1.05x at times=5 (slot)")
+    ax.axhline(1.10, color="tab:red", ls="--", lw=1, label="goal 1.10x at times=3 (srgen)")
     ax.axhline(1.08, color="tab:gray", ls=":", lw=1, label="SLOT reported ~1.08x (3 steps)")
-    ax.set_xlabel("optimization steps (times); o = slot, x = srgen (prompt stage only)")
+    ax.set_xlabel("optimization steps (times); o = slot, x = srgen (entropy control, no stops)")
     ax.set_ylabel("time ratio (TNOT generate / plain generate)")
     ax.set_title("TNOT overhead, paired median over rounds", fontsize=9)
     ax.legend(fontsize=6)
@@ -346,7 +456,10 @@ def main(argv=None):
     p.add_argument("--prompt-lens", default="256,4096")
     p.add_argument("--batch-sizes", default="1")
     p.add_argument("--times", default="1,3,5", help="slot optimization steps to time")
-    p.add_argument("--srgen-times", default="3", help="srgen (no entropy control) steps to time; '' for none")
+    p.add_argument("--srgen-times", default="3", help="srgen (entropy control, no stops) steps to time; '' for none")
+    p.add_argument("--published-times", default="", help="srgen-published (delta_normal fitted too) steps to time")
+    p.add_argument("--retry-cost", action="store_true", help="time retries (see the docstring)")
+    p.add_argument("--retries", default="0,2,4,8", help="retry counts of --retry-cost")
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--dynamic-new-tokens", type=int, default=None,
                    help="new tokens on the (slow, eager) dynamic path; default --new-tokens")
@@ -365,19 +478,21 @@ def main(argv=None):
     if args.tiny:
         args.models, args.prompt_lens, args.new_tokens, args.repeats = "tiny", "32,64", 8, 2
         args.memory_prompt_len, args.ce_chunk, args.prompt_stage_repeats = 256, 32, 3
+        args.retries, args.retry_cost = "0,1,2", True  # the smoke test runs every measurement
     device = torch.device(args.device)
     dtype = default_dtype(device, args.dtype)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     args.prompt_lens, args.batch_sizes = ints(args.prompt_lens), ints(args.batch_sizes)
     args.times, args.srgen_times = ints(args.times), ints(args.srgen_times)
+    args.published_times, args.retries = ints(args.published_times), ints(args.retries)
     args.paths = args.paths.split(",")
-    # plain, slot and srgen decode graphs x cache shapes share one compiled __call__: room for all
+    # plain/srgen and slot decode graphs x cache shapes share one compiled __call__: room for all
     raise_recompile_limits()
     results = {
         **environment(args, device, dtype),
         "configs": {m: CONFIGS[m] for m in args.models.split(",")},
-        "tnot_settings": dict(prompt_only=True, lr=0.1, entropy_control=False),
-        "overhead": [], "prompt_stage": [], "memory": [],
+        "tnot_settings": {m: dataclasses.asdict(tnot_config(m)) for m in overhead_methods(args)[1:]},
+        "overhead": [], "prompt_stage": [], "retry_cost": [], "memory": [],
     }
     for name in args.models.split(","):
         log(f"== {name}")
@@ -386,6 +501,8 @@ def main(argv=None):
             bench_prompt_stage(name, model, args, device, results)
         if not args.skip_overhead:
             bench_overhead(name, model, args, device, results)
+        if args.retry_cost:
+            bench_retry_cost(name, model, args, device, results)
         if not args.skip_memory:
             bench_memory(name, model, args, device, results)
         results.setdefault("compile_counters", {})[name] = compile_counters()
@@ -393,8 +510,7 @@ def main(argv=None):
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    methods = ["plain"] + [f"slot_t{t}" for t in args.times] + [f"srgen_t{t}" for t in args.srgen_times]
-    table = markdown(results, methods)
+    table = markdown(results, overhead_methods(args))
     print(table)
     if args.out:
         dump(results, args.out)

@@ -183,15 +183,15 @@ class TesttimeModule(L.LightningModule):
     def write_results(self, stage: str, results: dict[str, float], table: str | None = None, title: str = "",
                       payload: dict[str, Any] | None = None, figures: dict[str, Any] | None = None,
                       n_problems: int | None = None) -> list[str]:
-        """On global rank 0: print `title` and the table, write `<stage>_results.md` and `.json`
+        """Called on every rank; on global rank 0: print `title` and the table, write `<stage>_results.md` and `.json`
         (the results plus `payload`) and each figure (`{file name: matplotlib Figure}`) into the log
         folder; returns the paths written. `table` defaults to an accuracy table over `n_problems`."""
+        folder = self.results_dir()  # trainer.log_dir broadcasts: every rank must ask
         if not self.trainer.is_global_zero:
             return []
         if table is None:
             table = format_table(results, n_problems or 0)
         rank_zero_info(f"\n{title}\n{table}" if title else f"\n{table}")
-        folder = self.results_dir()
         paths = write_results(folder, f"{stage}_results", table,
                               {"stage": stage, "results": results, **({"n_problems": n_problems} if n_problems else {}),
                                **(payload or {})})

@@ -46,7 +46,8 @@ class TNOTModule(TesttimeModule):
             sample's last N entropies once it has more than N.
         adaptive_entropy_N: N of the adaptive threshold.
         adaptive_entropy_K: K of the adaptive threshold.
-        max_retries: reflection retries per sample (srgen).
+        max_retries: reflection retries per sample (srgen), run inside generate; 0: a forced EOS ends
+            the sample (entropy control as early stopping).
         mask_special_tokens: leave chat-template special tokens out of the prompt CE.
         ce_chunk: prompt positions per CE chunk.
         temperature: sampling temperature of every setting, plain and TNOT; 0 decodes greedily.
@@ -84,6 +85,8 @@ class TNOTModule(TesttimeModule):
                          eval_seed)
         self.save_hyperparameters()
         self.collect_diagnostics = False  # set by callbacks.EntropyDiagnostics
+        for mode, t, lr in [("plain", None, None), *self.sweep()]:  # a setting out of range fails here, naming it
+            self.tnot_config(mode, t, lr)
         self._traces: list[dict] = []
         self._batch_offset = 0
 
@@ -117,6 +120,7 @@ class TNOTModule(TesttimeModule):
     def _generate_fn(self, name: str, mode: str, times: int | None = None, lr: float | None = None):
         def generate(model, input_ids, attention_mask, **kwargs):
             model.tnot_config = self.tnot_config(mode, times, lr)
+            model.reset_model_parameters()  # a new batch of problems: never a retry of the previous one
             if mode == "plain" and not self.collect_diagnostics:
                 return model.generate_without_tnot(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -1,79 +1,106 @@
 """TNOT (published as SRGen) and SLOT: a per-sample delta added to the final hidden state.
 
-Both methods learn, at test time, a vector `delta` of shape [1, 1, H] that is added to the
-final hidden state (the input of `lm_head`). It is fitted on the prompt with next-token CE:
+Papers: SRGen, "Self-Reflective Generation at Test Time" (2025); SLOT, "Sample-specific Language
+Model Optimization at Test-time" (2025).
 
-- `slot`: the delta found at the prompt is added at every generated token.
-- `srgen`: the first prefill fits `delta_normal` (CE only; as published it is not applied, it
-  only marks that a later prefill is a reflection). During generation the entropy of each next
-  token distribution is watched; above a threshold (static, or adaptive over the sample's own
-  history) the sample is stopped with a forced EOS. A retry continues from the tokens already
-  generated, fits `delta_high` with `(1 - w) * CE + w * entropy(last position)` and applies it
-  to the one token after the high-entropy point. Up to `max_retries` retries.
+Both learn, at test time, a vector `delta` [1, 1, H] per sample, added to the final hidden state h
+(the input of `lm_head`). It starts at zero and takes `times` AdamW(lr, weight_decay=1e-8,
+eps=1e-5) steps on the prompt's next-token CE:
 
-Papers: SRGen, "Self-Reflective Generation at Test Time" (2025), and SLOT, "Sample-specific
-Language Model Optimization at Test-time" (2025).
+    CE(delta) = mean_t -log softmax(z(h_t + delta))[x_{t+1}],   z = the model's final logits
+                                                                    (lm_head, then the family's
+                                                                    rescaling: `final_logits`)
+
+- `slot`: the delta fitted at the prompt is added at every generated token.
+- `srgen`: the entropy H_t = -sum p log p of each next-token distribution p = softmax(z / T) (T
+  the sampling temperature) is watched. Above a threshold, static or adaptive over the sample's own
+  history (`max(mean(last N) + K * max(std(last N), 0.5), 1.8)` once it holds N values), the sample
+  gets a forced EOS. A retry continues from the tokens already generated, fits
+  `delta_high` on `(1 - w) * CE + w * H_last` (H_last: the entropy at the stop) and applies it to
+  the one token at the stop, which is not judged again. The published code also fits
+  `delta_normal` (CE only) at the first prefill but never applies it; it is skipped here unless
+  `fit_delta_normal` asks for exactly that (it costs `times` steps per prompt).
+
+Who retries (srgen with entropy control):
+- `max_retries > 0` (`TNOTConfig`'s default, `TNOTModule`): `generate` retries each stopped sample
+  itself, up to `max_retries` times, then finishes it with one last pass without entropy control,
+  as published.
+- `max_retries == 0` (the default when the settings come from the environment, as the seed's
+  decorator reads them): a forced EOS ends `generate`, with `high_entropy_detected` and
+  `high_entropy_position` set; the caller runs the retry loop. As in the seed, a `generate` called
+  while `model.delta` is set (by the previous call's prefill) is that loop's retry: it fits
+  delta_high on its prompt, applies it to its first token (not judged) and continues the entropy
+  history of the same samples; `reset_model_parameters()` starts the next problem.
+
 Done right where the original code was not:
-- the transformer body runs once per prefill (the normal one, which fills the KV cache); each
-  optimization step recomputes only `lm_head(h + delta)` over the prompt positions;
-- `lm_head` weights are frozen during the optimization (no vocab x hidden gradient);
-- the CE is computed (and backpropagated) in chunks of positions, so a long prompt never holds
-  positions x vocab logits at once;
-- delta and its AdamW state are float32 whatever the model dtype;
-- one delta per sample ([B, 1, H]), per-sample entropy history, thresholds and stops;
-- retries continue from token ids (no decode / re-tokenize round trip, chat tokens kept) and
-  reuse the KV cache and final hidden states of their prefix: only the last kept token goes
-  through the body again (a full re-prefill only for caches that are not plain dynamic ones);
-  the samples stopped in one pass retry together, as one left-padded batch.
+- the transformer body runs once per prefill (the one that fills the KV cache); each optimization
+  step recomputes only the logits of `h + delta` over the prompt positions;
+- `lm_head` is frozen during the optimization (no vocab x hidden gradient); the CE is computed and
+  backpropagated in chunks of positions; delta and its AdamW state are float32;
+- one delta per sample ([B, 1, H]), per-sample entropy history, thresholds and stops. The entropy
+  control is a `LogitsProcessor` outside the model's forward: per token a dozen batched ops on
+  the device, nothing read back until the pass ends, and a compiled forward (static cache) keeps
+  its single graph;
+- retries continue from token ids (no decode / re-tokenize round trip, chat tokens kept). The
+  samples stopped in one pass retry together in one batch that keeps the layout of that pass: each
+  row is its previous input and kept tokens, the positions after them masked out, and its last kept
+  token last. A plain dynamic KV cache of that pass is reused as is (rows selected and cropped, only
+  that last token goes through the body); other caches (static, sliding-window) are re-prefilled.
 
-Use:
+Use (the seed's interface):
     TNOTModel = enable_tnot(AutoModelForCausalLM)
     model = TNOTModel.from_pretrained(path, tnot_config=TNOTConfig(prompt_only=True, times=3))
     out = model.generate(input_ids, attention_mask=mask, max_new_tokens=64)
-or `enable_tnot_model(model, config)` on a loaded model. Without a config, the settings come
-from the environment variables of the original code (`TNOTConfig.from_env`).
-
-The optimization happens inside `generate` (the wrapped one); a plain `model(...)` forward
-is unchanged, and `model.generate_without_tnot` is the original `generate` (the baseline).
-`model.delta` keeps the last fitted delta for inspection.
+or `enable_tnot_model(model, config)` on a loaded model. Without a config, the settings come from
+the environment variables of the original code (`TNOTConfig.from_env`). A plain `model(...)`
+forward is unchanged; `model.generate_without_tnot` is the original `generate`. The work is done by
+a `TNOTGenerator` (`model.tnot`); the seed's attributes (`delta`, `high_entropy_detected`, ...) are
+a view of its last result, written at the end of each `generate`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from testtime.lm import IGNORE_INDEX, cut_at_eos, entropy, eos_token_ids, pad
+from testtime.errors import UsageError, UserError
+from testtime.lm import IGNORE_INDEX, cut_at_eos, entropy, eos_token_ids, final_logits, scale_logits
 
 MODES = ("slot", "srgen")
 
+# ---------------------------------------------------------------------------------------------
+# 1. Settings
+# ---------------------------------------------------------------------------------------------
 
-def _parse_bool(name: str, text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("true", "1", "yes"):
-        return True
-    if low in ("false", "0", "no", ""):
-        return False
-    raise ValueError(f"environment variable {name}={text!r} is not a boolean (True/False)")
+
+class TNOTConfigError(UserError, ValueError):
+    """A TNOT setting out of its range (the message names the field, its value and, when it was
+    read from the environment, the variable)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
 class TNOTConfig:
     """The settings; field names are the environment variables of the original TNOT code.
 
-    Defaults are the original code's `os.environ.get` defaults (prompt_only False: the prompt
-    stage is off unless asked for, as in the original), plus `max_retries` (20, the published
-    value) and `mode`.
+    Defaults are the original code's `os.environ.get` defaults (prompt_only False: the prompt stage
+    is off unless asked for), plus `max_retries` (20, the published value; 0 when read from the
+    environment, see `from_env`), `mode` and `fit_delta_normal`.
     """
 
     prompt_only: bool = False          # fit delta at each prefill
-    times: int = 1                     # optimization steps per prefill
+    times: int = 1                     # AdamW steps per prefill
     lr: float = 0.1
     entropy_weight: float = 0.1        # w in (1 - w) * CE + w * entropy (delta_high)
     entropy_control: bool = False      # srgen: stop high-entropy samples with a forced EOS
@@ -85,72 +112,117 @@ class TNOTConfig:
     entropy_output_file: str = "entropy_analysis.jsonl"
     response_entropy_file: str = "response_entropy.json"
     log_entropy_control: bool = False  # print a line at each forced stop
-    max_retries: int = 20
+    max_retries: int = 20              # retries run by generate itself; 0: the caller retries (the seed's way)
     mode: str = "srgen"
+    fit_delta_normal: bool = False     # srgen: fit the (never applied) delta_normal at the first prefill, as published
     mask_special_tokens: bool = False  # prompt CE ignores special tokens as labels (chat-template markers)
     ce_chunk: int = 1024               # prompt positions per CE chunk (not an env variable)
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.times < 0:
-            raise ValueError(f"times must be >= 0, got {self.times}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = type(f.default)
+            if kind is bool and not isinstance(value, bool):
+                raise TNOTConfigError(f.name, f"{f.name} must be True or False, got {value!r}")
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TNOTConfigError(f.name, f"{f.name} must be an integer, got {value!r}")
+            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)):
+                raise TNOTConfigError(f.name, f"{f.name} must be a number, got {value!r}")
+            if kind is str and not isinstance(value, str):
+                raise TNOTConfigError(f.name, f"{f.name} must be a string, got {value!r}")
+        checks = (
+            ("mode", self.mode in MODES, f"one of {MODES}"),
+            ("times", self.times >= 0, ">= 0"),
+            ("lr", 0 <= self.lr < math.inf, ">= 0 and finite"),
+            # outside [0, 1] one of the two terms changes sign: the fit would maximize it
+            ("entropy_weight", 0 <= self.entropy_weight <= 1, "in [0, 1]"),
+            # the window's standard deviation needs two values (N=0 or 1 gives a NaN threshold)
+            ("adaptive_entropy_N", self.adaptive_entropy_N >= 2, ">= 2"),
+            ("adaptive_entropy_K", 0 <= self.adaptive_entropy_K < math.inf, ">= 0 and finite"),
+            ("max_retries", self.max_retries >= 0, ">= 0"),
+            ("ce_chunk", self.ce_chunk >= 1, ">= 1"),
+        )
+        for name, ok, wanted in checks:
+            if not ok:
+                raise TNOTConfigError(name, f"{name} must be {wanted}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "TNOTConfig":
-        """Read every field from its environment variable (same name); absent ones keep the default."""
+        """Read every field (but `ce_chunk`) from the environment variable of the same name, as the
+        seed's decorator does; absent ones keep the default, except `max_retries`, which defaults
+        to 0: the seed's evaluation scripts run their own retry loop around `generate`.
+
+        A malformed or out-of-range value is a `TNOTConfigError` naming the variable; these names
+        are generic (`mode`, `times`, `lr`), so the message says where the value came from.
+        """
         environ = os.environ if environ is None else environ
-        values = {}
+        values, texts = {"max_retries": 0}, {}
         for f in dataclasses.fields(cls):
             if f.name == "ce_chunk" or f.name not in environ:
                 continue
-            text = environ[f.name]
+            text = texts[f.name] = environ[f.name]
             kind = type(f.default)
             try:
-                if kind is bool:
-                    values[f.name] = _parse_bool(f.name, text)
-                elif kind is int:
-                    values[f.name] = int(text)
-                elif kind is float:
-                    values[f.name] = float(text)
-                else:
-                    values[f.name] = text
-            except ValueError as err:
-                if kind is bool:
-                    raise
-                raise ValueError(f"environment variable {f.name}={text!r} is not a valid {kind.__name__}") from err
+                values[f.name] = _parse(kind, text)
+            except ValueError:
+                raise TNOTConfigError(f.name, _from_env(f.name, text, f"not a valid {_KIND_NAMES[kind]}")) from None
         values.update(overrides)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except TNOTConfigError as err:
+            if err.field in texts and err.field not in overrides:
+                raise TNOTConfigError(err.field, _from_env(err.field, texts[err.field], str(err))) from None
+            raise
 
 
-def adaptive_threshold(history, n: int, k: float, static: float) -> float:
-    """`max(mean(last n) + k * max(std(last n), 0.5), 1.8)` once the history holds n values, else `static`.
+_KIND_NAMES = {bool: "boolean (True/False)", int: "integer", float: "number", str: "string"}
 
-    `history`: the sample's earlier entropies (not the one being judged). As the original
-    (`len(history) + 1 > n`), with the sample (unbiased) std of `torch.std`.
-    """
-    if len(history) < n:
-        return static
-    window = torch.tensor(history[-n:], dtype=torch.float64)
-    return max(float(window.mean()) + k * max(float(window.std()), 0.5), 1.8)
+
+def _parse(kind, text: str):
+    if kind is bool:
+        low = text.strip().lower()
+        if low not in ("true", "1", "yes", "false", "0", "no", ""):
+            raise ValueError(text)
+        return low in ("true", "1", "yes")
+    return kind(text)
+
+
+def _from_env(name: str, text: str, problem: str) -> str:
+    return (f"environment variable {name}={text!r}: {problem}. TNOT read it because the model was enabled "
+            f"without a tnot_config (TNOTConfig.from_env); unset it or pass tnot_config=TNOTConfig(...)")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Fitting the delta
+# ---------------------------------------------------------------------------------------------
 
 
 def prompt_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Next-token labels for positions 0..T-2 ([B, T-1]); -100 where either side is padding."""
-    labels = input_ids[:, 1:].clone()
-    if attention_mask is not None:
-        labels[(attention_mask[:, 1:] == 0) | (attention_mask[:, :-1] == 0)] = IGNORE_INDEX
+    """Next-token labels of positions 0..T-2 ([B, T-1]): the token at the next unmasked position.
+
+    Masked positions may sit anywhere (left padding, or the gap a retry row leaves between its kept
+    tokens and its last token); they get -100, as does a position with no unmasked one after it.
+    """
+    if attention_mask is None:
+        return input_ids[:, 1:].clone()
+    width = input_ids.shape[1]
+    valid = attention_mask.bool()
+    index = torch.where(valid, torch.arange(width, device=input_ids.device), width)
+    # the first valid position after t: a reversed running minimum
+    after = index[:, 1:].flip(1).cummin(1).values.flip(1)
+    labels = input_ids.gather(1, after.clamp(max=width - 1))
+    labels[~valid[:, :-1] | (after == width)] = IGNORE_INDEX
     return labels
 
 
-def chunked_prompt_ce(head: nn.Module, hidden: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor,
-                      chunk: int = 1024, backward: bool = False, scale: float = 1.0) -> torch.Tensor:
-    """Sum over samples of each sample's mean next-token CE of `head(hidden[:, :-1] + delta)`.
+def chunked_prompt_ce(model, hidden: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor, chunk: int = 1024,
+                      backward: bool = False, scale: float = 1.0) -> torch.Tensor:
+    """Sum over samples of each sample's mean next-token CE of `final_logits(model, hidden[:, :-1] + delta)`.
 
-    Positions go through the head `chunk` at a time. With `backward`, each chunk's share
-    (times `scale`) is backpropagated at once, so no more than one chunk of logits is alive.
-    Returns the loss value (detached when `backward`). A per-sample mean keeps each sample's
-    delta gradient independent of the others in the batch.
+    Positions go through the head (and the family's rescaling of its output) `chunk` at a time.
+    With `backward`, each chunk's share (times `scale`) is backpropagated at once, so no more than
+    one chunk of logits is alive; the value is then detached. A per-sample mean keeps each sample's
+    delta gradient independent of the others.
     """
     hidden = hidden[:, :-1]
     counts = (labels != IGNORE_INDEX).sum(1).clamp(min=1).float()  # [B]
@@ -160,10 +232,10 @@ def chunked_prompt_ce(head: nn.Module, hidden: torch.Tensor, delta: torch.Tensor
         y = labels[:, start:start + chunk]
         if not (y != IGNORE_INDEX).any():
             continue
-        logits = head((h.float() + delta).to(h.dtype)).float()
+        logits = final_logits(model, (h.float() + delta).to(h.dtype)).float()
         # rows of (position, vocab): CE over a transposed [B, V, c] view is ~100x slower on a GPU
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
-                             reduction="none").view(y.shape)  # [B, c]
+                             reduction="none").view(y.shape)
         part = (ce.sum(1) / counts).sum()
         if backward:
             (part * scale).backward()
@@ -172,33 +244,449 @@ def chunked_prompt_ce(head: nn.Module, hidden: torch.Tensor, delta: torch.Tensor
     return total
 
 
-class _State:
-    """What the hooks need between calls inside one generate."""
+def fit_delta(model, hidden: torch.Tensor, labels: torch.Tensor, times: int, lr: float, entropy_weight: float = 0.0,
+              temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:
+    """A float32 delta [B, 1, H] after `times` AdamW(lr, weight_decay=1e-8, eps=1e-5) steps from zero on
 
-    def __init__(self):
-        self.reset_call()
+        sum_b (1 - w) * CE_b(delta_b) + w * H(softmax(z(h_b,last + delta_b) / T))
 
-    def reset_call(self):
-        self.pending_prefill = False   # next body forward is a prefill to optimize on
-        self.prefill_ids = None
-        self.prefill_mask = None
-        self.stage = "first"           # "first" pass, "reflect" (srgen retry: fit delta_high, apply it once),
-                                       # "final" (after the last retry: no fitting, no stops)
-        self.unwatched = False         # the next lm_head call is not watched (the reflected token)
-        self.apply_delta = None        # [B,1,H] float32 added by the lm_head pre-hook
-        self.apply_once = False        # drop apply_delta after one lm_head call
-        self.in_generate = False
+    (`chunked_prompt_ce` for CE_b; w = `entropy_weight`, 0 for slot and delta_normal). `hidden` are
+    the final hidden states [B, T, H] of the body (already run). The head's parameters are frozen
+    for the duration and come out with no `.grad`. Works inside `torch.inference_mode()` (Lightning's
+    validate/test): the optimization leaves it, on copies of the inference tensors.
+    """
+    head = model.get_output_embeddings()
+    params = list(head.parameters())
+    saved = [p.requires_grad for p in params]
+    w = float(entropy_weight)
+    with torch.inference_mode(False), torch.enable_grad():
+        # inference tensors (Lightning's test) cannot enter autograd: copies of them can
+        hidden = hidden.detach().clone() if hidden.is_inference() else hidden.detach()
+        labels = labels.clone()
+        delta = torch.zeros(hidden.shape[0], 1, hidden.shape[-1], dtype=torch.float32, device=hidden.device,
+                            requires_grad=True)
+        opt = torch.optim.AdamW([delta], lr=lr, weight_decay=1e-8, eps=1e-5)
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            for _ in range(times):
+                opt.zero_grad(set_to_none=True)
+                chunked_prompt_ce(model, hidden, delta, labels, chunk, backward=True, scale=1.0 - w)
+                if w > 0:
+                    last = hidden[:, -1]
+                    logits = final_logits(model, (last.float() + delta[:, 0]).to(last.dtype)).float()
+                    (w * entropy(logits, temperature).sum()).backward()
+                opt.step()
+        finally:
+            for p, r in zip(params, saved):
+                p.requires_grad_(r)
+    assert all(p.grad is None for p in params), "lm_head received a gradient during the TNOT optimization"
+    return delta.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Entropy control: a logits processor, vectorized over the batch
+# ---------------------------------------------------------------------------------------------
+
+
+class EntropyControl(LogitsProcessor):
+    """Entropy control for one pass of `generate`: the entropy of each row's next-token distribution
+    at the sampling temperature and, with `watch`, a forced EOS (every logit -1e4, EOS +1e4, as the
+    original) where it exceeds the row's threshold: static, or adaptive, `max(mean(w) + K *
+    max(std(w), 0.5), 1.8)` over the row's last N judged entropies w (unbiased std) once it has N.
+
+    Per token it only writes the entropies (and stops, and adaptive thresholds) into preallocated
+    buffers with a dozen batched tensor ops: nothing is read back to the host, and the model's
+    forward (compiled or not) never sees it. `result` reads the buffers once, after the pass, and
+    decides there which values count: a row is judged at a step while it has not ended (no EOS
+    among its earlier tokens) and is within its budget (a retry batch runs to its longest budget),
+    except at the first step with `skip_first` (the token a retry reflects on). A row that has ended
+    may still be "stopped" on the device: its tokens are padding or past its budget, never kept.
+
+    `history`: each row's earlier judged entropies (the adaptive window starts from them).
+    """
+
+    def __init__(self, history: list[list[float]], budgets: list[int], eos_ids: torch.Tensor, config: TNOTConfig,
+                 temperature: float, watch: bool, skip_first: bool, record: bool, original=None):
+        rows, steps, device = len(budgets), max(budgets), eos_ids.device
+        self.budgets, self.eos_ids, self.cfg, self.temperature = budgets, eos_ids, config, temperature
+        self.watch, self.first, self.record = watch, int(skip_first), record
+        self.original = original  # () -> entropy without the delta at this step, or None (none applied)
+        self.entropies = torch.zeros(rows, steps, device=device)
+        self.stops = torch.zeros(rows, steps, dtype=torch.bool, device=device)
+        self.originals = torch.zeros(rows, steps, device=device) if record else None
+        self.applied: list[bool] = []
+        self.calls = 0
+        self._forced = None
+        if config.adaptive_entropy:
+            n = config.adaptive_entropy_N
+            tails = [h[-n:] for h in history]  # right-aligned: the last n of each row
+            self.prior = torch.tensor([[0.0] * (n - len(t)) + t for t in tails], device=device)
+            self.prior_count = torch.tensor([len(h) for h in history], device=device)
+            self.thresholds = torch.zeros(rows, steps, device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        i = self.calls
+        self.calls += 1
+        ent = entropy(scores, self.temperature)
+        self.entropies[:, i] = ent
+        if self.record:
+            original = self.original() if self.original is not None else None
+            self.originals[:, i] = ent if original is None else original
+            self.applied.append(original is not None)
+        if not self.watch or i < self.first:
+            return scores
+        stop = ent > self._threshold(i)
+        self.stops[:, i] = stop
+        if self._forced is None:  # (index_fill: an index read back to the host would sync the device)
+            self._forced = torch.full_like(scores[0], -1e4).index_fill_(0, self.eos_ids[:1], 1e4)
+        return torch.where(stop[:, None], self._forced, scores)
+
+    def _threshold(self, i: int):
+        cfg = self.cfg
+        if not cfg.adaptive_entropy:
+            return cfg.entropy_threshold
+        n, k = cfg.adaptive_entropy_N, i - self.first  # k: steps judged before this one in this pass
+        # a row still judged was judged at every step since `first`: its window is a plain slice
+        window = (self.entropies[:, i - n:i] if k >= n
+                  else torch.cat([self.prior[:, k:], self.entropies[:, self.first:i]], 1))
+        std, mean = torch.std_mean(window, 1)
+        threshold = (mean + cfg.adaptive_entropy_K * std.clamp(min=0.5)).clamp(min=1.8)
+        if k < n:  # fewer than N values yet: the static threshold
+            threshold = torch.where(self.prior_count >= n - k, threshold, cfg.entropy_threshold)
+        self.thresholds[:, i] = threshold
+        return threshold
+
+    def result(self, new: torch.Tensor) -> list[dict]:
+        """Per row, from the buffers and the pass's tokens `new` [R, n] (one read-back): `judged`
+        (the entropies that enter its history), `threshold` (its last), `stop_at` (index of the
+        forced EOS, -1 for none) and `steps`: (entropy, entropy_original, delta_applied, threshold or
+        None where not judged, stopped) for each step it was active."""
+        n = self.calls
+        entropies = self.entropies[:, :n].tolist()
+        stops = self.stops[:, :n].tolist()
+        thresholds = self.thresholds[:, :n].tolist() if self.cfg.adaptive_entropy else None
+        originals = self.originals[:, :n].tolist() if self.record else entropies
+        eos = set(self.eos_ids.tolist())
+        out = []
+        for r, tokens in enumerate(new[:, :n].tolist()):
+            row = {"judged": [], "threshold": None, "stop_at": -1, "steps": []}
+            for i in range(min(n, self.budgets[r])):
+                if i > 0 and tokens[i - 1] in eos:
+                    break
+                judged = self.watch and i >= self.first
+                threshold = (thresholds[r][i] if thresholds else self.cfg.entropy_threshold) if judged else None
+                stopped = judged and stops[r][i]
+                row["steps"].append((entropies[r][i], originals[r][i], self.record and self.applied[i], threshold,
+                                     stopped))
+                if judged:
+                    row["judged"].append(entropies[r][i])
+                    row["threshold"] = threshold
+                if stopped:
+                    row["stop_at"] = i
+                    break
+            out.append(row)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The generator: passes of HF generate with the delta hooks armed, and the retries
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prefill:
+    """What the next body forward (the prefill of a pass) does with its hidden states."""
+
+    ids: torch.Tensor              # the pass's input [R, W] and mask
+    mask: torch.Tensor
+    context: torch.Tensor | None   # final hidden states of the cached prefix [R, C, H]: the body sees the rest
+    stage: str                     # "first", "reflect" (srgen retry: delta_high, applied once), "final" (nothing)
+
+
+@dataclass
+class Pass:
+    """One call of HF generate over some samples: what it made, and what a retry of them continues from."""
+
+    samples: list[int]                # the sample of each row
+    ids: torch.Tensor                 # input [R, W] (the previous layout; masked positions anywhere)
+    mask: torch.Tensor
+    kept: list[int]                   # per row: the sample's tokens kept before this pass
+    new: torch.Tensor                 # generated tokens [R, n]
+    stop_at: list[int]                # per row: index in `new` of the forced EOS, -1 for none
+    cache: DynamicCache | None        # its KV cache when a retry can reuse it (a plain dynamic one)
+    hidden: torch.Tensor | None       # final hidden states of the cache's positions [R, W + n - 1, H]
+    records: list[dict]               # per-token entropy records (record_entropy)
+
+
+class _Samples:
+    """Per sample of one `generate`: tokens kept, stops, retries, delta, entropy history and threshold."""
+
+    def __init__(self, batch: int, config: TNOTConfig, history: list[list[float]] | None):
+        self.history = [list(h) for h in history] if history else [[] for _ in range(batch)]
+        self.thresholds = [config.entropy_threshold] * batch
+        self.tokens: list[torch.Tensor | None] = [None] * batch
+        self.stops: list[list[int]] = [[] for _ in range(batch)]
+        self.retries = [0] * batch
+        self.delta: torch.Tensor | None = None
+        self.records: list[dict] = []
+
+
+def reusable(cache) -> bool:
+    """Whether a retry can reuse `cache` by selecting rows and cropping: a plain, full-attention dynamic cache."""
+    return (type(cache) is DynamicCache and not cache.offloading and cache.is_croppable
+            and not any(cache.is_sliding))
+
+
+def _resolve(model, kwargs: dict, name: str, default=None):
+    config = kwargs.get("generation_config") or model.generation_config
+    value = kwargs.get(name, getattr(config, name, default))
+    return default if value is None else value
+
+
+def _max_new_tokens(model, kwargs: dict, width: int) -> int:
+    """The new-token budget as generate resolves it: max_new_tokens, else max_length - prompt width."""
+    config = kwargs.get("generation_config") or model.generation_config
+    for source in (kwargs, vars(config)):
+        if source.get("max_new_tokens") is not None:
+            return int(source["max_new_tokens"])
+        if source.get("max_length") is not None:
+            return int(source["max_length"]) - width
+    return 20
+
+
+class TNOTGenerator:
+    """TNOT's `generate` for one model (`model.tnot`; `model.generate` calls it).
+
+    Two hooks, inert outside a pass: on the body (its output is the final hidden state of every
+    position) it fits the delta at a pass's prefill and, where a retry may reuse the pass's cache,
+    keeps the hidden states; on `lm_head`'s input it adds the delta (slot: at every forward of the
+    pass; delta_high: once). The entropy control is an `EntropyControl` processor per pass.
+
+    `reuse_cache` (default True): retries reuse a plain dynamic cache of their prefix; False
+    re-prefills them (what the published code does), e.g. to measure what the reuse saves.
+    """
+
+    def __init__(self, model, body: nn.Module, head: nn.Module, original_generate):
+        self.model, self.original_generate = model, original_generate
+        self.reuse_cache = True
+        self.prefill: _Prefill | None = None
+        self.apply: tuple[torch.Tensor, bool] | None = None  # (delta [R, 1, H], once)
+        self.hidden: list[torch.Tensor] | None = None
+        self.fitted: torch.Tensor | None = None
         self.temperature = 1.0
-        self.rows = None               # original batch index of each current row
-        self.stopped = None            # [B] bool: forced EOS already given to this row
-        self.done = None               # [B] bool: row already ended (EOS fed back in): not watched
-        self.steps = None              # [B] tokens generated so far (before this call)
-        self.busy = False              # inside the optimization: hooks stand aside
-        self.context_hidden = None     # retry: final hidden states of the cached prefix [B, C, H]
-        self.hidden_log = None         # final hidden states of every body call of this pass
-        self.unshifted = None          # record_entropy: last-position head input before the delta
-        self.retry = 0                 # 0: first pass; r: the r-th retry round
-        self.limits = None             # per row of the pass: the step at which watching stops
+        self._original_entropy = None
+        body.register_forward_hook(self._body_hook)
+        head.register_forward_pre_hook(self._head_pre_hook)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _body_hook(self, module, args, output):
+        if self.hidden is not None:
+            self.hidden.append(output[0].detach())
+        prefill, self.prefill = self.prefill, None
+        if prefill is None:
+            return None
+        cfg = self.model.tnot_config
+        if not cfg.prompt_only or prefill.stage == "final":
+            return None
+        hidden = output[0]
+        if prefill.context is not None:  # the cached prefix was not recomputed: its states were kept
+            hidden = torch.cat([prefill.context.to(hidden.dtype), hidden], dim=1)
+        reflect = prefill.stage == "reflect"
+        if cfg.mode == "srgen" and not reflect and not cfg.fit_delta_normal:
+            # delta_normal would not be applied: a zero delta marks the prefill as done (the seed's marker)
+            self.fitted = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[-1], dtype=torch.float32)
+            return None
+        labels = prompt_labels(prefill.ids, prefill.mask).to(hidden.device)
+        if cfg.mask_special_tokens:
+            special = torch.tensor(sorted(_special_ids(self.model)), dtype=labels.dtype, device=labels.device)
+            labels[torch.isin(labels, special)] = IGNORE_INDEX  # only special tokens: a zero loss, not NaN
+        self.fitted = fit_delta(self.model, hidden, labels, cfg.times, cfg.lr, cfg.entropy_weight if reflect else 0.0,
+                                self.temperature, cfg.ce_chunk)
+        if cfg.mode == "slot":
+            self.apply = (self.fitted, False)
+        elif reflect:  # delta_high: only the token at the stop
+            self.apply = (self.fitted, True)
+        return None
+
+    def _head_pre_hook(self, module, args):
+        if self.apply is None:
+            return None
+        delta, once = self.apply
+        if once:
+            self.apply = None
+        hidden = args[0]
+        if self.model.tnot_config.record_entropy:  # for the record's entropy without the delta
+            raw = module.forward(hidden[:, -1])  # .forward: not through this hook again
+            self._original_entropy = entropy(scale_logits(self.model, raw), self.temperature)
+        return ((hidden.float() + delta.to(hidden.device)).to(hidden.dtype),) + tuple(args[1:])
+
+    def _take_original_entropy(self):
+        value, self._original_entropy = self._original_entropy, None
+        return value
+
+    # -- generate ----------------------------------------------------------------------------
+    def generate(self, input_ids=None, attention_mask=None, **kwargs) -> torch.LongTensor:
+        model, cfg = self.model, self.model.tnot_config
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs")
+        if kwargs.pop("return_dict_in_generate", False):
+            raise ValueError("TNOT generate returns the token ids only (return_dict_in_generate is not supported)")
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise ValueError("TNOT generate starts from a prompt; a cache (past_key_values) is not supported")
+        for name in ("num_return_sequences", "num_beams"):
+            if (_resolve(model, kwargs, name, 1) or 1) > 1:
+                raise ValueError(f"TNOT generate supports {name}=1 only, got {_resolve(model, kwargs, name)}: "
+                                 "repeat the prompts instead (input_ids.repeat_interleave(n, dim=0)), each row gets "
+                                 "its own delta")
+        sampling = _resolve(model, kwargs, "do_sample")
+        self.temperature = float(_resolve(model, kwargs, "temperature", 1.0)) if sampling else 1.0
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch, width = input_ids.shape
+        builtin = cfg.mode == "srgen" and cfg.entropy_control and cfg.max_retries > 0
+        # the seed's way (the caller retries): a call while model.delta is set is the caller's retry
+        reflect = (not builtin and cfg.mode == "srgen" and cfg.prompt_only and model.delta is not None)
+        continued = reflect and len(model.entropy_history) == batch
+        max_new = _max_new_tokens(model, kwargs, width)
+        samples = _Samples(batch, cfg, model.entropy_history if continued else None)
+        eos = torch.tensor(eos_token_ids(model, getattr(model, "tokenizer", None)), dtype=torch.long,
+                           device=input_ids.device)
+        if cfg.entropy_control and eos.numel() == 0:
+            raise UsageError("TNOT entropy control needs an eos_token_id in the generation config or model config")
+        self._samples, self._eos, self._max_new = samples, eos, max_new
+        pad_id = _resolve(model, kwargs, "pad_token_id", int(eos[0]) if eos.numel() else 0)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("max_length", "max_new_tokens")}
+
+        last = self._pass(input_ids, attention_mask, list(range(batch)), [0] * batch, "reflect" if reflect else "first",
+                          {**kwargs, "max_new_tokens": max_new}, keep=builtin)
+        self._settle(last, retry=False)
+        for round_ in range(1, cfg.max_retries + 2 if builtin else 1):
+            stopped = [r for r, s in enumerate(last.stop_at) if s >= 0]
+            if not stopped:
+                break
+            # retries used up: one last pass finishes these samples without fitting or stops, as published
+            last = self._retry(last, stopped, "final" if round_ > cfg.max_retries else "reflect", round_, kwargs)
+            self._settle(last, retry=round_ <= cfg.max_retries)
+        self._samples = None
+        return self._finish(samples, input_ids, pad_id)
+
+    def _pass(self, ids, mask, rows: list[int], kept: list[int], stage: str, kwargs: dict, cache=None, context=None,
+              keep: bool = False, round_: int = 0) -> Pass:
+        """One call of the original generate over `rows` of the batch, the hooks armed for `stage`.
+
+        With `cache` (of all but the last position of `ids`) and `context` (its final hidden states)
+        only the last token goes through the body. `keep`: keep what a retry of this pass reuses.
+        """
+        cfg, s = self.model.tnot_config, self._samples
+        control = None
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        if cfg.entropy_control or cfg.record_entropy:
+            control = EntropyControl([s.history[b] for b in rows], [self._max_new - k for k in kept], self._eos, cfg,
+                                     self.temperature, watch=cfg.entropy_control and stage != "final",
+                                     skip_first=stage == "reflect", record=cfg.record_entropy,
+                                     original=self._take_original_entropy if cfg.record_entropy else None)
+            processors.append(control)
+        # only a plain dynamic cache is reused: keep nothing for the others (nor step a compiled forward's hooks)
+        keep = (keep and self.reuse_cache and kwargs.get("use_cache", True) is not False
+                and _resolve(self.model, kwargs, "cache_implementation", "dynamic") == "dynamic")
+        extra = {"return_dict_in_generate": True, "logits_processor": processors}
+        if cache is not None:
+            extra["cache"] = cache
+            kwargs = {k: v for k, v in kwargs.items() if k != "cache_implementation"}  # the cache is given
+        self.prefill, self.hidden, self.fitted = _Prefill(ids, mask, context, stage), [] if keep else None, None
+        try:
+            out = self.original_generate(input_ids=ids, attention_mask=mask, **kwargs, **extra)
+        finally:
+            hidden, self.prefill, self.apply, self.hidden, self._original_entropy = self.hidden, None, None, None, None
+        if self.fitted is not None:  # one delta row per sample of the whole batch
+            if s.delta is None:
+                s.delta = torch.zeros(len(s.tokens), *self.fitted.shape[1:], device=self.fitted.device)
+            s.delta[torch.tensor(rows, device=ids.device)] = self.fitted
+        new = out.sequences[:, ids.shape[1]:]
+        stop_at, records = [-1] * len(rows), []
+        for r, row in enumerate(control.result(new) if control is not None else []):  # the pass's one read-back
+            b, stop_at[r] = rows[r], row["stop_at"]
+            s.history[b] += row["judged"]
+            if row["threshold"] is not None:
+                s.thresholds[b] = row["threshold"]
+            for i, (ent, original, applied, threshold, stopped) in enumerate(row["steps"]):
+                if cfg.record_entropy:
+                    records.append({"sample": b, "step": kept[r] + i, "retry": round_, "entropy": ent,
+                                    "entropy_original": original, "delta_applied": applied, "threshold": threshold,
+                                    "stopped": stopped})
+                if stopped and cfg.log_entropy_control:
+                    print(f"[tnot] sample {b}: entropy {ent:.3f} > threshold {threshold:.3f} at token {kept[r] + i}: "
+                          "EOS")
+        kept_cache = out.cache if keep and reusable(out.cache) else None
+        states = None
+        if kept_cache is not None:
+            states = torch.cat(([context] if context is not None else []) + hidden, dim=1)
+        return Pass(rows, ids, mask, kept, new, stop_at, kept_cache, states, records)
+
+    def _retry(self, last: Pass, rows: list[int], stage: str, round_: int, kwargs: dict) -> Pass:
+        """The stopped `rows` of `last` again, in `last`'s layout: row r is its input and the tokens it
+        kept (n_r positions), the positions after them masked (C = max n_r - 1 in all), then its last
+        kept token, which goes through the body again (its hidden state is what the retry judges)."""
+        index = torch.tensor(rows, device=last.ids.device)
+        length = torch.tensor([last.ids.shape[1] + last.stop_at[r] for r in rows], device=index.device)
+        cut = int(length.max()) - 1
+        seq = torch.cat([last.ids, last.new], 1)[index]
+        full_mask = torch.cat([last.mask, torch.ones_like(last.new)], 1)[index]
+        kept_positions = torch.arange(cut, device=index.device)[None] < (length - 1)[:, None]
+        ids = torch.cat([seq[:, :cut], seq.gather(1, (length - 1)[:, None])], 1)
+        mask = torch.cat([full_mask[:, :cut] * kept_positions, torch.ones_like(length)[:, None]], 1)
+        cache = context = None
+        if last.cache is not None:
+            cache = last.cache
+            if len(rows) < len(last.samples):
+                cache.batch_select_indices(index)
+            cache.crop(cut - cache.get_seq_length())
+            context = last.hidden[index, :cut]
+        kept = [last.kept[r] + last.stop_at[r] for r in rows]
+        return self._pass(ids, mask, [last.samples[r] for r in rows], kept, stage,
+                          {**kwargs, "max_new_tokens": self._max_new - min(kept)}, cache, context,
+                          keep=stage == "reflect", round_=round_)
+
+    def _settle(self, done: Pass, retry: bool) -> None:
+        """Each row's tokens into its sample: up to its forced EOS, else within its budget up to its EOS."""
+        s = self._samples
+        for r, b in enumerate(done.samples):
+            budget = self._max_new - done.kept[r]
+            at = done.stop_at[r]
+            if at >= 0:
+                new = done.new[r, :at + 1]
+            else:
+                new = cut_at_eos(done.new[r, :budget], self._eos.tolist(), keep_eos=True)
+            s.tokens[b] = new if s.tokens[b] is None else torch.cat([s.tokens[b][:done.kept[r]], new])
+            if at >= 0:
+                s.stops[b].append(done.kept[r] + at)
+            s.retries[b] += int(retry)
+        s.records += done.records
+
+    def _finish(self, s: _Samples, input_ids, pad_id: int) -> torch.LongTensor:
+        """Write the seed's attributes (the view of this call) and the records; the output ids."""
+        model = self.model
+        batch, width = input_ids.shape
+        stopped_now = [bool(stops) for stops in s.stops]
+        model.delta = s.delta
+        model.high_entropy_samples = stopped_now
+        model.high_entropy_detected = any(stopped_now)
+        model.high_entropy_position = [stops[-1] if stops else None for stops in s.stops]
+        model.stop_positions = s.stops
+        model.retries = s.retries
+        model.entropy_history = s.history
+        model.sample_thresholds = s.thresholds
+        model.entropy_threshold = model.sample_thresholds[0]
+        model.entropy_records = s.records
+        model.index = None
+        _write_records(model, s.tokens)
+        out = torch.full((batch, width + max(len(t) for t in s.tokens)), pad_id, dtype=torch.long,
+                         device=input_ids.device)
+        out[:, :width] = input_ids
+        for b, tokens in enumerate(s.tokens):
+            out[b, width:width + len(tokens)] = tokens
+        return out
 
 
 def _config_ids(model, name: str) -> list[int]:
@@ -209,13 +697,6 @@ def _config_ids(model, name: str) -> list[int]:
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
-
-def _eos_id(model) -> int:
-    eos = eos_token_ids(model, getattr(model, "tokenizer", None))
-    if not eos:
-        raise ValueError("TNOT entropy control needs an eos_token_id in the generation config or model config")
-    return eos[0]
 
 
 def _special_ids(model) -> set[int]:
@@ -232,373 +713,9 @@ def _special_ids(model) -> set[int]:
     return ids
 
 
-def _pad_id(model, eos: int | None) -> int:
-    pad = _config_ids(model, "pad_token_id")
-    return pad[0] if pad else int(eos if eos is not None else 0)
-
-
-def optimize_delta(model, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask, reflect: bool) -> torch.Tensor:
-    """Fit a per-sample float32 delta [B,1,H] on the prompt's hidden states (body already run).
-
-    `reflect` (srgen retry) adds `entropy_weight * entropy(last position at the sampling
-    temperature)` to `(1 - entropy_weight) * CE`. The head's parameters are frozen for the
-    duration and must come out with no `.grad`. Works inside `torch.inference_mode()` (Lightning's
-    validate/test run there): the optimization leaves it, on copies of the inference tensors.
-    """
-    with torch.inference_mode(False), torch.enable_grad():
-        if hidden.is_inference():
-            hidden, input_ids = hidden.clone(), input_ids.clone()
-            attention_mask = attention_mask.clone() if attention_mask is not None else None
-        return _fit_delta(model, hidden.detach(), input_ids, attention_mask, reflect)
-
-
-def _fit_delta(model, hidden, input_ids, attention_mask, reflect: bool) -> torch.Tensor:
-    cfg = model.tnot_config
-    head = model.get_output_embeddings()
-    delta = torch.zeros(hidden.shape[0], 1, hidden.shape[-1], dtype=torch.float32, device=hidden.device,
-                        requires_grad=True)
-    if cfg.times == 0:
-        return delta.detach()
-    labels = prompt_labels(input_ids, attention_mask).to(hidden.device)
-    if cfg.mask_special_tokens:
-        special = torch.tensor(sorted(_special_ids(model)), dtype=labels.dtype, device=labels.device)
-        labels[torch.isin(labels, special)] = IGNORE_INDEX  # a prompt of only special tokens gives a zero loss, not NaN
-    w = cfg.entropy_weight if reflect else 0.0
-    opt = torch.optim.AdamW([delta], lr=cfg.lr, weight_decay=1e-8, eps=1e-5)
-    params = list(head.parameters())
-    saved = [p.requires_grad for p in params]
-    model._tnot.busy = True
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        for _ in range(cfg.times):
-            opt.zero_grad(set_to_none=True)
-            chunked_prompt_ce(head, hidden, delta, labels, cfg.ce_chunk, backward=True, scale=1.0 - w)
-            if w > 0:
-                last = hidden[:, -1:]
-                logits = head((last.float() + delta).to(last.dtype))[:, -1]
-                (w * entropy(logits, model._tnot.temperature).sum()).backward()
-            opt.step()
-    finally:
-        for p, r in zip(params, saved):
-            p.requires_grad_(r)
-        model._tnot.busy = False
-    assert all(p.grad is None for p in params), "lm_head received a gradient during the TNOT optimization"
-    return delta.detach()
-
-
-def _body_hook(model):
-    def hook(module, args, output):
-        st = model._tnot
-        if st.busy or not st.in_generate:
-            return None
-        if st.hidden_log is not None:  # kept so a retry can reuse the KV cache of a prefix
-            st.hidden_log.append(output[0].detach())
-        if not st.pending_prefill:
-            return None
-        st.pending_prefill = False
-        cfg = model.tnot_config
-        if not cfg.prompt_only or st.stage == "final":
-            return None
-        hidden = output[0]
-        if st.context_hidden is not None:  # the cached prefix was not recomputed: its states were kept
-            hidden = torch.cat([st.context_hidden.to(hidden.dtype), hidden], dim=1)
-        delta = optimize_delta(model, hidden, st.prefill_ids, st.prefill_mask, st.stage == "reflect")
-        if cfg.mode == "slot":
-            model.delta = delta
-            st.apply_delta, st.apply_once = delta, False
-        elif st.stage == "reflect":  # delta_high: only the token right after the high-entropy point
-            if model.delta is not None and model.delta.shape[0] > max(st.rows):
-                model.delta = model.delta.clone()  # keep one row per sample of the whole batch
-                model.delta[st.rows] = delta
-            else:
-                model.delta = delta
-            st.apply_delta, st.apply_once = delta, True
-        else:  # delta_normal: as published, not applied; marks that a later prefill reflects
-            model.delta = delta
-            st.apply_delta = None
-        return None
-    return hook
-
-
-def _head_pre_hook(model):
-    def pre_hook(module, args):
-        st = model._tnot
-        if st.busy or st.apply_delta is None:
-            return None
-        hidden = args[0]
-        delta = st.apply_delta
-        if delta.shape[0] != hidden.shape[0]:
-            if delta.shape[0] != 1:
-                return None  # a forward outside the generate that fitted this delta
-        if st.in_generate and model.tnot_config.record_entropy:
-            st.unshifted = hidden[:, -1:].detach()  # for the record's entropy without the delta
-        new = (hidden.float() + delta.to(hidden.device)).to(hidden.dtype)
-        if st.apply_once:
-            st.apply_delta = None
-        return (new,) + tuple(args[1:])
-    return pre_hook
-
-
-def _head_hook(model):
-    def hook(module, args, output):
-        st = model._tnot
-        cfg = model.tnot_config
-        if st.busy or not st.in_generate or not (cfg.entropy_control or cfg.record_entropy):
-            return None
-        logits = output
-        ent = entropy(logits[:, -1].detach(), st.temperature)  # [B]
-        ent_original = None
-        if st.unshifted is not None:  # a delta was added to this call's input: entropy without it too
-            st.busy = True
-            try:
-                ent_original = entropy(module(st.unshifted)[:, -1].detach(), st.temperature)
-            finally:
-                st.busy, st.unshifted = False, None
-        eos = _eos_id(model) if cfg.entropy_control else None
-        # the token a retry reflects on (delta_high) and everything after the last retry are not
-        # watched: as in the original, where entropy control runs in the generation stage only
-        watch = cfg.entropy_control and st.stage != "final" and not st.unwatched
-        st.unwatched = False
-        forced = []
-        for i in range(logits.shape[0]):
-            row = st.rows[i]
-            if st.stopped[i] or st.done[i] or (st.limits is not None and st.steps[i] >= st.limits[i]):
-                continue
-            hist = model.entropy_history[row]
-            thr = None
-            if watch:
-                thr = cfg.entropy_threshold
-                if cfg.adaptive_entropy:
-                    thr = adaptive_threshold(hist, cfg.adaptive_entropy_N, cfg.adaptive_entropy_K,
-                                             cfg.entropy_threshold)
-                model.sample_thresholds[row] = thr
-            e = float(ent[i])
-            if watch:
-                hist.append(e)
-            stop = thr is not None and e > thr
-            if cfg.record_entropy:
-                model.entropy_records.append({
-                    "sample": row, "step": int(st.steps[i]), "retry": st.retry, "entropy": e,
-                    "entropy_original": float(ent_original[i]) if ent_original is not None else e,
-                    "delta_applied": ent_original is not None, "threshold": thr, "stopped": stop})
-            if stop:
-                forced.append(i)
-                st.stopped[i] = True
-                model.high_entropy_samples[row] = True
-                model.high_entropy_position[row] = int(st.steps[i])
-                model.stop_positions[row].append(int(st.steps[i]))
-                model.high_entropy_detected = True
-                if cfg.log_entropy_control:
-                    print(f"[tnot] sample {row}: entropy {e:.3f} > threshold {thr:.3f} at token {int(st.steps[i])}: EOS")
-            st.steps[i] += 1
-        model.entropy_threshold = model.sample_thresholds[st.rows[0]] if st.rows else None
-        if not forced:
-            return None
-        out = logits.clone()
-        out[forced, -1, :] = -1e4
-        out[forced, -1, eos] = 1e4
-        return out
-    return hook
-
-
-def _model_pre_hook(model):
-    """At each decode step, mark rows whose fed-back token is EOS as done (generate keeps
-    running finished rows on padding; their entropies must not count)."""
-    def pre_hook(module, args, kwargs):
-        st = model._tnot
-        if not st.in_generate or st.pending_prefill or st.busy or st.done is None:
-            return None
-        cfg = model.tnot_config
-        if not (cfg.entropy_control or cfg.record_entropy):
-            return None  # nothing is watched: no per-token device-to-host copy
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            return None
-        eos = model._tnot_eos_ids
-        for i, tok in enumerate(ids[:, -1].tolist()):
-            if tok in eos:
-                st.done[i] = True
-        return None
-    return pre_hook
-
-
-def _generate_pass(model, input_ids, attention_mask, rows, kwargs, stage="first", past=None, context_hidden=None,
-                   keep_hidden=False, retry=0, limits=None):
-    """One call of the original generate with the hooks armed (`stage`: see `_State.stage`).
-
-    Returns (new tokens [B, n], the KV cache, the final hidden states of every position in that
-    cache [B, T, H] or None). With `past` (a cache of all but the last token of `input_ids`)
-    and `context_hidden` (its final hidden states), only the last token goes through the body.
-    """
-    st = model._tnot
-    st.pending_prefill = True
-    st.prefill_ids, st.prefill_mask = input_ids, attention_mask
-    st.stage = stage
-    st.unwatched = stage == "reflect"
-    st.retry = retry
-    st.apply_delta = None
-    st.rows = rows
-    st.stopped = [False] * len(rows)
-    st.done = [False] * len(rows)
-    st.steps = [model._generated_so_far[r] for r in rows]
-    st.limits = limits  # per row: steps at and past its limit are not watched (a batch runs to its longest budget)
-    st.context_hidden = context_hidden
-    st.hidden_log = [] if keep_hidden else None
-    st.in_generate = True
-    model._tnot_eos_ids = set(eos_token_ids(model, getattr(model, "tokenizer", None)))
-    extra = {"return_dict_in_generate": True}
-    if past is not None:
-        extra["cache"] = past
-        kwargs = {k: v for k, v in kwargs.items() if k != "cache_implementation"}  # the cache is given
-    try:
-        out = model._tnot_original_generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs, **extra)
-    finally:
-        st.in_generate = False
-        st.pending_prefill = False
-        st.apply_delta = None  # a later plain forward is not shifted
-        st.context_hidden = None
-    hidden = None
-    if keep_hidden and st.hidden_log:
-        parts = ([context_hidden] if context_hidden is not None else []) + st.hidden_log
-        hidden = torch.cat([h.to(parts[-1].dtype) for h in parts], dim=1)
-    st.hidden_log = None
-    seqs = out.sequences if hasattr(out, "sequences") else out
-    cache = getattr(out, "cache", None)
-    return seqs[:, input_ids.shape[1]:], cache, hidden
-
-
-def _stack_rows(items):
-    """One DynamicCache of the given (cache, row, length) rows, each cut to its first `length`
-    positions and left-padded with zeros to the longest (the padding is masked out by the caller).
-
-    None when a source is not a plain dynamic cache (static, sliding-window, quantized ...): the
-    caller then recomputes those prefixes.
-    """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    for cache, _, _ in items:
-        if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
-            return None
-        if not all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers):
-            return None
-    longest = max(n for _, _, n in items)
-    out = DynamicCache()
-    for i in range(len(items[0][0].layers)):
-        keys = torch.cat([F.pad(c.layers[i].keys[r:r + 1, :, :n], (0, 0, longest - n, 0)) for c, r, n in items])
-        values = torch.cat([F.pad(c.layers[i].values[r:r + 1, :, :n], (0, 0, longest - n, 0)) for c, r, n in items])
-        out.update(keys, values, i)
-    return out
-
-
-def _max_new_tokens(kwargs: dict, gen_cfg, width: int) -> int:
-    """The new-token budget as generate resolves it: max_new_tokens, else max_length - prompt width."""
-    for source in (kwargs, vars(gen_cfg)):
-        if source.get("max_new_tokens") is not None:
-            return int(source["max_new_tokens"])
-        if source.get("max_length") is not None:
-            return int(source["max_length"]) - width
-    return 20
-
-
-def _tnot_generate(model):
-    original = model.generate
-
-    def generate(input_ids=None, attention_mask=None, **kwargs):
-        cfg = model.tnot_config
-        if input_ids is None:
-            input_ids = kwargs.pop("inputs")
-        if kwargs.pop("return_dict_in_generate", False):
-            raise ValueError("TNOT generate returns the token ids only (return_dict_in_generate is not supported)")
-        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-            raise ValueError("TNOT generate starts from a prompt; a cache (past_key_values) is not supported")
-        gen_cfg = kwargs.get("generation_config", model.generation_config)
-        for name in ("num_return_sequences", "num_beams"):
-            value = kwargs.get(name, getattr(gen_cfg, name, 1)) or 1
-            if value > 1:
-                raise ValueError(f"TNOT generate supports {name}=1 only, got {value}: repeat the prompts instead "
-                                 "(input_ids.repeat_interleave(n, dim=0)), each row gets its own delta")
-        do_sample = kwargs.get("do_sample", gen_cfg.do_sample)
-        temperature = kwargs.get("temperature", gen_cfg.temperature) if do_sample else 1.0
-        batch, width = input_ids.shape
-        st = model._tnot
-        st.reset_call()
-        st.temperature = float(temperature or 1.0)
-        model.reset_entropy_detection(batch)
-        model._generated_so_far = [0] * batch
-        model.entropy_records = []
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        srgen = cfg.mode == "srgen" and cfg.entropy_control and cfg.max_retries > 0
-        reuse = kwargs.get("use_cache", True) is not False  # without a cache there is nothing to reuse
-
-        new, cache, hidden = _generate_pass(model, input_ids, attention_mask, list(range(batch)), kwargs,
-                                            keep_hidden=srgen and reuse)
-        if not srgen:  # (max_retries 0: a forced EOS ends its sample, entropy control as early stopping)
-            _write_records(model, [new[b] for b in range(batch)])
-            return torch.cat([input_ids, new], dim=1)
-
-        eos = _eos_id(model)
-        eos_ids = model._tnot_eos_ids
-        pad_id = _pad_id(model, eos)
-        max_new = _max_new_tokens(kwargs, gen_cfg, width)
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("max_length", "max_new_tokens")}
-        # per sample: kept new tokens (cut after the first EOS), and where its cache lives: the pass
-        # that made it, its row there, that row's input (with its padding) and how many of the
-        # sample's kept tokens came before that pass
-        generated = [cut_at_eos(new[b], eos_ids, keep_eos=True) for b in range(batch)]
-        source = [(cache, hidden, b, input_ids[b], attention_mask[b], 0) for b in range(batch)]
-        del new, cache, hidden
-        retries = [0] * batch
-        for round_ in range(1, cfg.max_retries + 2):
-            # every sample stopped by entropy retries, all of them in one batch per round
-            todo = [b for b in range(batch) if model.high_entropy_samples[b] and model._stopped_by_entropy(b, generated[b])]
-            for b in set(range(batch)) - set(todo):
-                source[b] = None  # finished: its caches can go
-            if not todo:
-                break
-            # retries used up: one last pass finishes these samples without fitting or stops, as published
-            final = round_ > cfg.max_retries
-            rows, kept = [], {}
-            for b in todo:
-                retries[b] += 0 if final else 1
-                kept[b] = generated[b][:-1]  # drop the forced EOS
-                model._generated_so_far[b] = len(kept[b])
-                model.high_entropy_samples[b] = False
-                _, _, _, ids_b, mask_b, before = source[b]
-                since = kept[b][before:]  # the tokens this sample's source pass generated and kept
-                rows.append((torch.cat([ids_b, since]), torch.cat([mask_b, torch.ones_like(since)])))
-            width_r = max(len(ids) for ids, _ in rows)
-            ids, mask = pad([i for i, _ in rows], pad_id, side="left"), pad([m for _, m in rows], 0, side="left")
-            # reuse the prefixes' KV caches: only the last kept token of each row goes through the body
-            past = context = None
-            items = [(source[b][0], source[b][2], len(i) - 1) for b, (i, _) in zip(todo, rows)]
-            if all(source[b][1] is not None for b in todo):
-                past = _stack_rows(items)
-            if past is not None:
-                context = torch.stack([F.pad(source[b][1][r, :n], (0, 0, width_r - 1 - n, 0))
-                                       for b, (_, r, n) in zip(todo, items)])
-            budget = {b: max_new - len(kept[b]) for b in todo}
-            more, cache_r, hidden_r = _generate_pass(
-                model, ids, mask, todo, {**kwargs, "max_new_tokens": max(budget.values())},
-                stage="final" if final else "reflect", past=past, context_hidden=context,
-                keep_hidden=reuse and not final, retry=round_, limits=[max_new] * len(todo))
-            for i, b in enumerate(todo):
-                generated[b] = torch.cat([kept[b], cut_at_eos(more[i, :budget[b]], eos_ids, keep_eos=True)])
-                source[b] = (cache_r, hidden_r, i, ids[i], mask[i], len(kept[b]))
-        model.retries = retries
-        model.high_entropy_samples = [bool(p) for p in model.stop_positions]
-        model.high_entropy_detected = any(model.high_entropy_samples)
-        _write_records(model, generated)
-        out = torch.full((batch, width + max(len(g) for g in generated)), pad_id, dtype=torch.long,
-                         device=input_ids.device)
-        out[:, :width] = input_ids
-        for b, g in enumerate(generated):
-            out[b, width: width + len(g)] = g
-        return out
-
-    return generate, original
+# ---------------------------------------------------------------------------------------------
+# 5. Records and traces
+# ---------------------------------------------------------------------------------------------
 
 
 def _label_records(model, generated) -> None:
@@ -645,11 +762,11 @@ def _write_records(model, generated):
     `entropy_output_file`: one JSON line per watched token: sample, step (index of the generated
     token), retry (0 = first pass), entropy (of the distribution sampled from, delta included),
     entropy_original (same position without the delta; equal where none was applied),
-    delta_applied, threshold (None without entropy control), stopped (a forced EOS was given
-    there), token_id and token (the EOS where stopped, else the token kept at that step).
-    `response_entropy_file`: a JSON array with one object per response (appended to across
-    calls): its token ids and text, mean entropy, then its `sample_traces` entry. Tokens are decoded with the tokenizer given to `enable_tnot_model`
-    (loaded once).
+    delta_applied, threshold (None where not judged), stopped (a forced EOS was given there),
+    token_id and token (the EOS where stopped, else the token kept at that step).
+    `response_entropy_file`: a JSON array with one object per response (appended to across calls):
+    its token ids and text, mean entropy, then its `sample_traces` entry. Tokens are decoded with
+    the tokenizer given to `enable_tnot_model` (loaded once).
     """
     cfg = model.tnot_config
     if not (cfg.record_entropy and model.entropy_records):
@@ -679,7 +796,10 @@ def _write_records(model, generated):
             json.dump(responses, f)
 
 
-# ---- methods attached to the model (the seed's interface) ----
+# ---------------------------------------------------------------------------------------------
+# 6. The seed's face: the decorator, its attributes and methods
+# ---------------------------------------------------------------------------------------------
+
 
 def _reset_entropy_detection(self, batch_size: int = 1):
     """Clear stops, positions and entropy histories (one list per sample)."""
@@ -695,14 +815,10 @@ def _reset_entropy_detection(self, batch_size: int = 1):
 
 
 def _reset_model_parameters(self):
-    """Forget the fitted delta and every entropy state."""
+    """Forget the fitted delta (the next `generate` starts a new problem) and every entropy state."""
     self.delta = None
-    self._tnot.reset_call()
+    self.entropy_records = []
     self.reset_entropy_detection()
-
-
-def _stopped_by_entropy(self, b: int, tokens) -> bool:
-    return self.high_entropy_position[b] is not None and self.high_entropy_position[b] == len(tokens) - 1
 
 
 def _safe_decode_token(self, token_id) -> str:
@@ -732,7 +848,7 @@ def enable_tnot_model(model: nn.Module, config: TNOTConfig | None = None, tokeni
     `config` defaults to `TNOTConfig.from_env()`. `tokenizer` (optional) is used by the
     `_safe_decode_*` methods; it is loaded once, by the caller.
     """
-    if getattr(model, "_tnot", None) is not None:
+    if getattr(model, "tnot", None) is not None:
         model.tnot_config = config or model.tnot_config
         return model
     head = model.get_output_embeddings()
@@ -749,24 +865,16 @@ def enable_tnot_model(model: nn.Module, config: TNOTConfig | None = None, tokeni
         raise ValueError(f"{type(model).__name__} has no separate transformer body to read the final hidden state from")
     model.tnot_config = config if config is not None else TNOTConfig.from_env()
     model.tokenizer = tokenizer
-    model._tnot = _State()
-    model.delta = None
     cls = type(model)
     for name, fn in (("reset_entropy_detection", _reset_entropy_detection),
                      ("reset_model_parameters", _reset_model_parameters),
-                     ("_stopped_by_entropy", _stopped_by_entropy),
                      ("_safe_decode_token", _safe_decode_token),
                      ("_safe_decode_sequence", _safe_decode_sequence)):
         setattr(model, name, fn.__get__(model, cls))
-    model.reset_entropy_detection()
-    model._generated_so_far = []
-    model.entropy_records = []
-    model._tnot_handles = [body.register_forward_hook(_body_hook(model)),
-                           head.register_forward_pre_hook(_head_pre_hook(model)),
-                           head.register_forward_hook(_head_hook(model)),
-                           model.register_forward_pre_hook(_model_pre_hook(model), with_kwargs=True)]
-    model.generate, model._tnot_original_generate = _tnot_generate(model)
-    model.generate_without_tnot = model._tnot_original_generate  # the plain generate, for baselines
+    model.reset_model_parameters()
+    model.generate_without_tnot = model.generate  # the plain generate, for baselines
+    model.tnot = TNOTGenerator(model, body, head, model.generate_without_tnot)
+    model.generate = model.tnot.generate
     return model
 
 
