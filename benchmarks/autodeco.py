@@ -292,13 +292,8 @@ def markdown(results) -> str:
 
 
 def plot(results, path: Path):
-    try:
-        import matplotlib
+    from testtime.io import new_figure, save_figure  # the project's figure set-up (Agg, no pyplot)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     labels, values = [], []
     for r in results["decode"]:
         for m in ("autodeco", "autodeco_hooks"):
@@ -311,7 +306,7 @@ def plot(results, path: Path):
             values.append(r[f"{v}_ratio"])
     if not values:
         return
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(values)), 4.5))
+    fig, (ax,) = new_figure(panel_size=(max(6, 0.7 * len(values)), 4.5))
     colors = ["tab:blue" if "train" not in lab else "tab:orange" for lab in labels]
     ax.bar(range(len(values)), values, color=colors)
     ax.axhline(1.02, color="tab:green", ls="--", lw=1, label="decode goal 1.02x")
@@ -322,8 +317,7 @@ def plot(results, path: Path):
     ax.legend(fontsize=7)
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
 
 
 def main(argv=None):

@@ -413,17 +413,12 @@ def markdown(results, methods) -> str:
 
 
 def plot(results, path: Path):
-    try:
-        import matplotlib
+    from testtime.io import new_figure, save_figure  # the project's figure set-up (Agg, no pyplot)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     rows = [r for r in results["overhead"] if any(k.endswith("_ratio") for k in r)]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax,) = new_figure(panel_size=(7, 4.5))
     ticks = set()
     for r in rows:
         label = f"{r['model']} {r['path']} p{r['prompt_len']} b{r['batch']}"
@@ -442,8 +437,7 @@ def plot(results, path: Path):
     ax.set_ylabel("time ratio (TNOT generate / plain generate)")
     ax.set_title("TNOT overhead, paired median over rounds", fontsize=9)
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
 
 
 def main(argv=None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -21,6 +22,9 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
     path = tmp_path / "sub" / "data.txt"
     atomic_write_text(path, "first\n")
     assert path.read_text() == "first\n"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() would create it, not mkstemp's 0600
 
     def broken(f):
         f.write("half")
