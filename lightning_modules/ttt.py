@@ -23,6 +23,7 @@ the paper's betas and weight decay), the inner-lr warm-up, logging and evaluatio
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -139,14 +140,22 @@ class TTTModule(TesttimeModule):
             self._load_adapter(self.hparams.adapter_path)
 
     def _load_adapter(self, path: str) -> None:
-        """Wrap the model with a PEFT adapter for the memory test; `self.adapter` toggles it."""
+        """A PEFT adapter on the model for the memory test. PEFT puts its layers into the model
+        itself, so everything but the memory test's "adapter" rows runs under `self.without_adapter()`."""
         from peft import PeftModel
 
         self.adapter = PeftModel.from_pretrained(self.model, path)
         self.adapter.eval()
 
+    def without_adapter(self):
+        """The model as it is without the adapter (a no-op when there is none)."""
+        return self.adapter.disable_adapter() if self.adapter is not None else contextlib.nullcontext()
+
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):
+        if self.adapter is not None:
+            raise UsageError("adapter_path is for the memory test (validate); to train an adapter on the TTT model "
+                             "use lightning_modules.tinylora.TinyLoRAModule with this model's export")
         model = self.model
         model.set_inner_lr_step(self.global_step)
         every = self.hparams.log_ttt_stats_every_n_steps
@@ -204,8 +213,9 @@ class TTTModule(TesttimeModule):
             return self._memory_step(batch)
         buckets = self.buckets()
         for mode in ("on", "off"):
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                ttt=mode == "on").logits
+            with self.without_adapter():
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                    ttt=mode == "on").logits
             loss, counted = token_losses(logits, batch["labels"])
             sums, counts = bucket_sums(loss, counted, buckets)
             for (bucket, s), c in zip(zip(buckets, sums), counts):
@@ -228,10 +238,14 @@ class TTTModule(TesttimeModule):
             raise UsageError(f"the memory test's gap_tokens ({self.trainer.datamodule.hparams.gap_tokens}) is not "
                              f"larger than window_size ({window}): sliding attention sees the first copy; raise "
                              "gap_tokens")
-        models = [("base", self.model)] + ([("adapter", self.adapter)] if self.adapter is not None else [])
-        for name, model in models:
+        models = [("base", self.model, self.without_adapter)]
+        if self.adapter is not None:
+            models.append(("adapter", self.adapter, contextlib.nullcontext))
+        for name, model, context in models:
             def loss_of(**kwargs):
-                loss, counted = token_losses(model(input_ids=batch["input_ids"], **kwargs).logits, labels)
+                with context():
+                    logits = model(input_ids=batch["input_ids"], **kwargs).logits
+                loss, counted = token_losses(logits, labels)
                 return loss[counted].double().sum(), counted.sum().double()
 
             self._add(f"memory_{name}_{kind}_pre", *loss_of(ttt=False))

@@ -153,3 +153,43 @@ def test_cli_fit_validate_memory_export_predict(run_cli, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     (row,) = [json.loads(line) for line in next(root.rglob("predictions.jsonl")).read_text().splitlines()]
     assert row["setting"] == "greedy" and isinstance(row["completion"], str)
+
+
+def test_memory_test_beside_a_tinylora_adapter(tokenizer, tmp_path):
+    """The seed's memory test base vs adapter: the adapter's numbers come from the model with the
+    adapter (an export of TinyLoRA on the TTT model), the base's from the model alone."""
+    from peft import PeftModel
+
+    from testtime.tinylora import adapter_config, apply_adapter, save_adapter
+    from testtime.ttt import TTTConfig, TTTForCausalLM
+
+    config = TTTConfig.from_preset("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    TTTForCausalLM(config).save_pretrained(tmp_path / "ttt")
+    tokenizer.save_pretrained(tmp_path / "ttt")
+    adapted = apply_adapter(TTTForCausalLM.from_pretrained(tmp_path / "ttt"), adapter_config("tinylora", u=4))
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.fill_(0.5)  # an adapter that changes the model
+    save_adapter(adapted, tmp_path / "adapter")
+
+    module = TTTModule(model_name_or_path=str(tmp_path / "ttt"), adapter_path=str(tmp_path / "adapter"))
+    module.configure_model()
+    module.trainer = type("T", (), {"datamodule": None})()
+    doc = repeated_passage_documents(np.arange(400) % 90 + 3, 2, passage_tokens=6, gap_tokens=10, seed=0)
+    batch = {"input_ids": torch.stack([d["input_ids"] for d in doc]), "labels": torch.stack([d["labels"] for d in doc]),
+             "memory_kind": "repeat"}
+    with torch.no_grad():
+        module._memory_step(batch)
+        reference = PeftModel.from_pretrained(TTTForCausalLM.from_pretrained(tmp_path / "ttt"), tmp_path / "adapter")
+        loss, counted = token_losses(reference(input_ids=batch["input_ids"], ttt=False).logits, batch["labels"])
+    mean = lambda name: float(module._sums[name][0] / module._sums[name][1])  # noqa: E731
+    assert mean("memory_adapter_repeat_pre") == pytest.approx(float(loss[counted].mean()), rel=1e-6)
+    with torch.no_grad():
+        plain = TTTForCausalLM.from_pretrained(tmp_path / "ttt")
+        loss, counted = token_losses(plain(input_ids=batch["input_ids"], ttt=False).logits, batch["labels"])
+    assert mean("memory_base_repeat_pre") == pytest.approx(float(loss[counted].mean()), rel=1e-6)  # no adapter
+    assert mean("memory_adapter_repeat_pre") != mean("memory_base_repeat_pre")
+    assert "memory_adapter_repeat_post_lr1_b4_s1" in module._sums
