@@ -24,7 +24,9 @@ standard library's source, character-level, sequences of 2048 tokens: TTT-E2E, t
 model without TTT blocks and the full-attention model (both with MLP widths matched) trained with
 the same data order and number of steps, then evaluated on held-out files: the loss by position
 bucket (TTT-E2E also with TTT off), and the memory test (a 128-token passage repeated after a
-640-token gap, so sliding attention cannot see the first copy). Goals: TTT-E2E below the sliding
+640-token gap, so sliding attention cannot see the first copy), for the model and for the model
+with a TinyLoRA adapter trained for --adapter-steps on unseen training text (the seed's base vs
+adapter). Goals: TTT-E2E below the sliding
 window beyond the window and at or below full attention in the last bucket; on the repeated
 passage, a loss reduction from TTT of at least 5%.
 
@@ -259,6 +261,35 @@ def memory_test(model, tokens, args, device, dtype) -> list[dict]:
     return rows
 
 
+def adapter_memory_test(model, splits, args, device, dtype) -> dict:
+    """The seed's memory test with a TinyLoRA adapter (PEFT; u=64 per module, untied) trained on
+    the trained TTT-E2E model's static layers for --adapter-steps of next-token loss on training text
+    the model has not seen (the end of the train split): pre/post TTT on the repeated passages, as
+    for the model alone."""
+    from testtime.tinylora import adapter_config, apply_adapter, trainable_parameters
+
+    adapted = apply_adapter(model, adapter_config("tinylora", r=2, u=64, weight_tying=0.0))
+    params = [p for p in adapted.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-3)
+    train = splits["train"]
+    adapted.train()
+    for step in range(args.adapter_steps):
+        index = [len(train) - 1 - (step * args.batch_size + i) % len(train) for i in range(args.batch_size)]
+        ids = torch.stack([train[i]["input_ids"] for i in index]).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            loss = adapted(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    adapted.eval()
+    rows = memory_test(adapted, splits["val"].tokens, args, device, dtype)
+    with adapted.disable_adapter():
+        base = memory_test(adapted, splits["val"].tokens, args, device, dtype)
+    log(f"  adapter: {trainable_parameters(adapted)} parameters, {args.adapter_steps} steps")
+    return {"parameters": trainable_parameters(adapted), "steps": args.adapter_steps, "memory": rows,
+            "memory_without": base}
+
+
 def quality(args, device, dtype) -> dict:
     splits, tokenizer = text_splits(args)
     preset = "tiny" if args.tiny else "small"
@@ -277,6 +308,7 @@ def quality(args, device, dtype) -> dict:
         if kind == "ttt_e2e":
             row["loss_ttt_off"] = evaluate_positions(model, splits["val"], buckets, args, device, dtype, ttt=False)
             row["memory"] = memory_test(model, splits["val"].tokens, args, device, dtype)
+            row["adapter"] = adapter_memory_test(model, splits, args, device, dtype)
         out["models"][kind] = row
         out["buckets"] = [bucket_name(b) for b in buckets]
         log(f"{kind}: {row['loss']}")
@@ -296,10 +328,14 @@ def quality_tables(out: dict) -> str:
     lines += ["", "| model | parameters | train seconds |", "|---|---:|---:|"]
     lines += [f"| {n} | {models[n]['parameters']} | {models[n]['train_seconds']:.0f} |" for n in names]
     if "memory" in models.get("ttt_e2e", {}):
-        lines += ["", "| memory test: inner lr | chunk | pre (TTT off) | post (TTT on) | reduction |",
-                  "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['inner_lr']:g} | {r['chunk_size']} | {r['pre']:.4f} | {r['post']:.4f} | "
-                  f"{r['reduction']:+.2%} |" for r in models["ttt_e2e"]["memory"]]
+        ttt = models["ttt_e2e"]
+        sets = [("TTT-E2E", ttt["memory"])]
+        if "adapter" in ttt:
+            sets.append((f"TTT-E2E + TinyLoRA ({ttt['adapter']['parameters']} parameters)", ttt["adapter"]["memory"]))
+        lines += ["", "| memory test: model | inner lr | chunk | pre (TTT off) | post (TTT on) | reduction |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {r['inner_lr']:g} | {r['chunk_size']} | {r['pre']:.4f} | {r['post']:.4f} | "
+                  f"{r['reduction']:+.2%} |" for name, rows in sets for r in rows]
     return "\n".join(lines)
 
 
@@ -334,11 +370,13 @@ def main() -> None:
     parser.add_argument("--max-files", type=int, default=None)
     parser.add_argument("--eval-blocks", type=int, default=None)
     parser.add_argument("--memory-docs", type=int, default=None)
+    parser.add_argument("--adapter-steps", type=int, default=None, help="TinyLoRA steps before its memory test")
     parser.add_argument("--out", default="ttt", help="prefix of the files written")
     args = parser.parse_args()
     tiny = args.tiny
     defaults = dict(steps=4 if tiny else 300, batch_size=4 if tiny else 16, seq_len=64 if tiny else 2048,
-                    max_files=8 if tiny else 800, eval_blocks=8 if tiny else 96, memory_docs=4 if tiny else 64)
+                    max_files=8 if tiny else 800, eval_blocks=8 if tiny else 96, memory_docs=4 if tiny else 64,
+                    adapter_steps=2 if tiny else 100)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
