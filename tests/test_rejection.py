@@ -291,8 +291,12 @@ def test_train_batches_are_prompt_plus_a_kept_completion(tiny_model_dir, sampler
     expected = expected_texts(dm.problems["train"], 4)
     seen = []
     for batch in dm.train_dataloader():
-        assert set(batch) == {"input_ids", "attention_mask", "labels"}
-        for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        # the SFT fields, plus the prompt alone (left-padded), answers and questions, as TaskDataModule's
+        assert set(batch) == {"input_ids", "attention_mask", "labels", "prompt_ids", "prompt_mask", "answers",
+                              "questions"}
+        rows = zip(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["prompt_ids"],
+                   batch["prompt_mask"], batch["questions"], strict=True)
+        for ids, mask, labels, prompt_ids, prompt_mask, question_text in rows:
             n = int(mask.sum())
             assert mask[:n].all() and not mask[n:].any()
             first = int((labels != IGNORE_INDEX).nonzero()[0])
@@ -301,6 +305,9 @@ def test_train_batches_are_prompt_plus_a_kept_completion(tiny_model_dir, sampler
             prompt = tok.decode(ids[:first])
             assert prompt.endswith("<|im_start|>assistant\n")
             question = QUESTION.search(prompt).group(0)
+            assert prompt_ids[prompt_mask.bool()].tolist() == ids[:first].tolist()  # the same prompt, left-padded
+            assert not prompt_mask[:int((~prompt_mask.bool()).sum())].any()
+            assert question_text in prompt
             completion = tok.decode(labels[first:n], skip_special_tokens=True).strip()
             assert completion in expected[question]
             seen.append((question, completion))
