@@ -29,7 +29,7 @@ case $part in
     run 330 python3 benchmarks/ttt.py --device cuda --part quality --out "$res/ttt"
     run 200 python3 benchmarks/ttt.py --device cuda --part speed --repeats 2 --out "$res/ttt" ;;
   diffusion)
-    run 540 python3 benchmarks/diffusion.py --device cuda --out "$res/diffusion" ;;
+    run 540 python3 benchmarks/diffusion.py --device cuda --out "$res/diffusion.json" ;;
   costs)
     run 100 python3 benchmarks/autodeco.py --device cuda --skip-decode --models smollm2-135m,tinyllama-1.1b \
       --out "$res/autodeco_train.json"

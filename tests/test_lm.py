@@ -83,3 +83,20 @@ def test_next_token_loss_shifts_and_ignores():
     assert empty.item() == 0.0
     empty.backward()  # a fully masked batch still has a gradient path, never NaN
     assert torch.isfinite(logits.grad).all()
+
+
+def test_seeded_rng_repeats_draws_and_restores_the_callers_rng():
+    from testtime.lm import seeded_rng
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with seeded_rng(7):
+        first = torch.rand(4)
+    with seeded_rng(7):
+        assert torch.equal(torch.rand(4), first)
+    with seeded_rng(8):
+        assert not torch.equal(torch.rand(4), first)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's stream continues as if untouched
+    with seeded_rng(None):  # no seed: the global stream itself
+        assert not torch.equal(torch.rand(3), expected_next)

@@ -32,7 +32,6 @@ test-time optimization of a prefix or of weights - plugs in by passing `generate
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Sequence
@@ -41,7 +40,7 @@ import torch
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from testtime.lm import cut_at_eos, encode_prompt, eos_token_ids, left_pad
+from testtime.lm import cut_at_eos, encode_prompt, eos_token_ids, left_pad, seeded_rng
 from testtime.tasks import Problem, prompt_messages
 
 GenerateFn = Callable[..., torch.Tensor]
@@ -169,17 +168,6 @@ def pick_best(results: dict[str, float], settings: Sequence[DecodingSetting]) ->
     return max(scored, key=lambda s: results[s.name])  # max keeps the first of equal keys
 
 
-def _seeded(seed: int | None, device: torch.device):
-    """Seed torch's RNG (CPU and `device`) for the block and restore it afterwards; no-op for None."""
-    if seed is None:
-        return nullcontext()
-    if device.type == "cpu":
-        return torch.random.fork_rng(devices=[])
-    # torch.manual_seed reseeds every CUDA device, so all of them are restored afterwards.
-    count = torch.cuda.device_count() if device.type == "cuda" else 1
-    return torch.random.fork_rng(devices=list(range(count)), device_type=device.type)
-
-
 def generate_completions(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          setting: DecodingSetting, max_new_tokens: int, seed: int | None = None) -> list[list[str]]:
     """`setting.num_samples` decoded continuations for each LEFT-padded prompt: [B][k] strings.
@@ -194,9 +182,7 @@ def generate_completions(model, tokenizer, input_ids: torch.Tensor, attention_ma
         attention_mask = attention_mask.repeat_interleave(k, dim=0)
     kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id, **setting.generate_kwargs()}
     generate_fn = setting.generate_fn or (lambda m, ids, mask, **kw: m.generate(input_ids=ids, attention_mask=mask, **kw))
-    with _seeded(seed, input_ids.device):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded_rng(seed, input_ids.device):
         sequences = generate_fn(model, input_ids, attention_mask, **kwargs)
     if sequences.shape[0] != batch * k or sequences.shape[1] < prompt_len:
         raise ValueError(f"{setting.name}: generate_fn returned shape {tuple(sequences.shape)} for "

@@ -14,11 +14,14 @@ One home for each, so that a method never writes its own copy:
 - `final_logits(model, hidden)` / `scale_logits(model, raw)`: the logits a causal LM really samples
   from, given the final hidden state (the input of its lm_head), for the families that rescale
   the lm_head output (Gemma-2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling).
+- `seeded_rng(seed, device)`: a block where torch's global RNG (CPU and `device`) is seeded, and
+  restored afterwards, so sampling is reproducible without disturbing the caller's RNG.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -152,3 +155,23 @@ def final_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Logits from the final hidden state (after the final norm: the input of lm_head), exactly as
     the model's own forward computes them, rescaling included (see `scale_logits`)."""
     return scale_logits(model, model.get_output_embeddings()(hidden))
+
+
+@contextmanager
+def seeded_rng(seed: int | None, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run the block with torch's global RNG seeded with `seed`, then restore it; nothing for None.
+
+    torch.manual_seed reseeds every device of the type, so all of them are forked and restored.
+    """
+    if seed is None:
+        yield
+        return
+    device = torch.device(device)
+    if device.type == "cpu":
+        fork = torch.random.fork_rng(devices=[])
+    else:
+        count = torch.cuda.device_count() if device.type == "cuda" else 1
+        fork = torch.random.fork_rng(devices=list(range(count)), device_type=device.type)
+    with fork:
+        torch.manual_seed(seed)
+        yield
