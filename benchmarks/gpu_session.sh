@@ -5,11 +5,13 @@
 #   bash benchmarks/gpu_session.sh diffusion   # the small masked-diffusion LM: trained, then every sampler
 #   bash benchmarks/gpu_session.sh costs       # AutoDeco's training step, TNOT's srgen and retries,
 #                                              # TinyLoRA's step time, pruned-model throughput
+#   bash benchmarks/gpu_session.sh costs2      # costs' last two rows with more time each (on 2026-12-01
+#                                              # TinyLoRA's step time and the GQA throughput outran costs' limits)
 # From the repository root on the GPU machine, with the wheels of ../shared/device/wheels.sh
 # (plus transformers==5.24.0) carried in .whl. Each part's outputs come back as one tarball
 # ($OUT/<part>.tar.gz) with its log ($OUT/<part>.log): the device returns at most 8 files.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh ttt|diffusion|costs}
+part=${1:?usage: gpu_session.sh ttt|diffusion|costs|costs2}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TESTTIME_CACHE=/tmp/testtime-cache
@@ -41,6 +43,11 @@ case $part in
       --out "$res/tinylora"
     run 110 python3 benchmarks/head_gates.py throughput --device cuda --models llama3.2-3b-mha,llama3.2-3b \
       --repeats 3 --out "$res/head_gates" ;;
+  costs2)
+    run 230 python3 benchmarks/tinylora.py step-time --device cuda --models smollm2-135m --repeats 3 \
+      --out "$res/tinylora"
+    run 170 python3 benchmarks/head_gates.py throughput --device cuda --models llama3.2-3b --repeats 3 \
+      --out "$res/head_gates" ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
 tar -czf "$OUT/$part.tar.gz" -C /tmp/results "$part"
