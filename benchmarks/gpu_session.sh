@@ -7,11 +7,12 @@
 #                                              # TinyLoRA's step time, pruned-model throughput
 #   bash benchmarks/gpu_session.sh costs2      # costs' last two rows with more time each (on 2026-12-01
 #                                              # TinyLoRA's step time and the GQA throughput outran costs' limits)
+#   bash benchmarks/gpu_session.sh ttt-full    # ttt's full-attention quality row alone (it outran ttt's limit)
 # From the repository root on the GPU machine, with the wheels of ../shared/device/wheels.sh
 # (plus transformers==5.24.0) carried in .whl. Each part's outputs come back as one tarball
 # ($OUT/<part>.tar.gz) with its log ($OUT/<part>.log): the device returns at most 8 files.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh ttt|diffusion|costs|costs2}
+part=${1:?usage: gpu_session.sh ttt|diffusion|costs|costs2|ttt-full}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TESTTIME_CACHE=/tmp/testtime-cache
@@ -48,6 +49,8 @@ case $part in
       --out "$res/tinylora"
     run 170 python3 benchmarks/head_gates.py throughput --device cuda --models llama3.2-3b --repeats 3 \
       --out "$res/head_gates" ;;
+  ttt-full)  # the full-attention row of ttt's quality part (on 2026-12-01 it outran that part's limit)
+    run 150 python3 benchmarks/ttt.py --device cuda --part quality --models full --out "$res/ttt" ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
 tar -czf "$OUT/$part.tar.gz" -C /tmp/results "$part"

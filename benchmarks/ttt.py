@@ -296,7 +296,7 @@ def quality(args, device, dtype) -> dict:
     vocab = len(tokenizer)
     out = {"preset": preset, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
            "train_tokens": args.steps * args.batch_size * args.seq_len, "models": {}}
-    for kind in MODELS:
+    for kind in args.models:
         model = build(preset, kind, device, torch.float32, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id)
         c = model.config
         log(f"{kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, window {c.window_size}, "
@@ -371,8 +371,13 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=None)
     parser.add_argument("--memory-docs", type=int, default=None)
     parser.add_argument("--adapter-steps", type=int, default=None, help="TinyLoRA steps before its memory test")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"quality: the models to train and evaluate, a comma list of {', '.join(MODELS)}")
     parser.add_argument("--out", default="ttt", help="prefix of the files written")
     args = parser.parse_args()
+    args.models = [m for m in args.models.split(",") if m]
+    if not args.models or set(args.models) - set(MODELS):
+        parser.error(f"--models: choose from {', '.join(MODELS)}, got {args.models}")
     tiny = args.tiny
     defaults = dict(steps=4 if tiny else 300, batch_size=4 if tiny else 16, seq_len=64 if tiny else 2048,
                     max_files=8 if tiny else 800, eval_blocks=8 if tiny else 96, memory_docs=4 if tiny else 64,
