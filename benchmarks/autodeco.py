@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import testtime.autodeco as ad  # noqa: E402
 from benchmarks.common import LLAMA_CONFIGS as CONFIGS  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    compile_counters, default_dtype, dump, environment, log, paired_ratio, raise_recompile_limits, random_llama,
+    compile_counters, default_dtype, dump, environment, finish, log, paired_ratio, raise_recompile_limits, random_llama,
     sync, timed,
 )
 
@@ -371,12 +371,7 @@ def main(argv=None):
         del llm, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    table = markdown(results)
-    print(table)
-    if args.out:
-        dump(results, args.out)
-        Path(args.out).with_suffix(".md").write_text(table + "\n")
-        plot(results, Path(args.out).with_suffix(".png"))
+    finish(results, args.out, markdown(results), plot)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from testtime.io import atomic_write_text
+
 LLAMA_CONFIGS = {
     # HuggingFaceTB/SmolLM2-135M
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -104,5 +106,15 @@ def compile_counters() -> dict:
 def dump(results: dict, out: str | None) -> None:
     """Write `results` as JSON to `out` (rewritten after every measurement: a killed run keeps its figures)."""
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+
+
+def finish(results: dict, out: str | None, table: str, plot=None) -> None:
+    """Print the markdown `table`; with `out`, write the JSON there, the table beside it (.md) and
+    `plot(results, path)`'s figure (.png)."""
+    print(table)
+    if out:
+        dump(results, out)
+        atomic_write_text(Path(out).with_suffix(".md"), table + "\n")
+        if plot is not None:
+            plot(results, Path(out).with_suffix(".png"))

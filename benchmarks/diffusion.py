@@ -15,8 +15,8 @@ Nie et al. 2025) on the training problems of `testtime.tasks.make_splits(--n-tra
 --n-test, --seed, --difficulty)` laid out by `testtime.diffusion.data`, as the recipe's
 `DiffusionTaskDataModule` serves them (left-padded prompt, then the worked solution padded with
 labelled EOS to --gen-length; the same split sizes by default, so the held-out problems are the
-recipe's validation + test problems). AdamW, linear warm-up then constant, gradient clipping at 1.0; --train-steps steps, or
-fewer if --train-seconds runs out first (recorded).
+recipe's validation + test problems). AdamW, linear warm-up then constant, gradient clipping at
+1.0; --train-steps steps, or fewer if --train-seconds runs out first (recorded).
 
 Accuracy (skipped with --timing-only) on the held-out problems (validation + test: never trained
 on), each decoded --repeats times with seeds seed + 1000 r + batch (the same for every method),
@@ -55,7 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import dump, environment, log, paired_ratio, timed  # noqa: E402
+from benchmarks.common import dump, environment, finish, log, paired_ratio, timed  # noqa: E402
 from testtime.diffusion import SAMPLERS, build_model, diffusion_loss, generate_with_tta_uncertainty  # noqa: E402
 from testtime.diffusion.data import collate_examples, encode_example  # noqa: E402
 from testtime.diffusion.model import parameter_count  # noqa: E402
@@ -371,12 +371,7 @@ def main(argv=None):
     if not args.timing_only:
         bench_accuracy(model, tokenizer, args, splits, device, results)
     bench_timing(model, tokenizer, args, splits, device, results)
-    table = markdown(results)
-    print(table)
-    if args.out:
-        dump(results, args.out)
-        Path(args.out).with_suffix(".md").write_text(table + "\n")
-        plot(results, Path(args.out).with_suffix(".png"))
+    finish(results, args.out, markdown(results), plot)
 
 
 if __name__ == "__main__":

@@ -105,8 +105,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    LLAMA_CONFIGS, compile_counters, default_dtype, dump, environment, log, paired_ratio, raise_recompile_limits,
-    random_llama, timed,
+    LLAMA_CONFIGS, compile_counters, default_dtype, dump, environment, finish, log, paired_ratio,
+    raise_recompile_limits, random_llama, timed,
 )
 from testtime.tnot import TNOTConfig, enable_tnot_model  # noqa: E402
 
@@ -504,12 +504,7 @@ def main(argv=None):
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    table = markdown(results, overhead_methods(args))
-    print(table)
-    if args.out:
-        dump(results, args.out)
-        Path(args.out).with_suffix(".md").write_text(table + "\n")
-        plot(results, Path(args.out).with_suffix(".png"))
+    finish(results, args.out, markdown(results, overhead_methods(args)), plot)
 
 
 if __name__ == "__main__":

@@ -200,6 +200,26 @@ def check_mask_id(logits: torch.Tensor, mask_id: int) -> None:
                          "pass the model's MASK id (model.config.mask_token_id)")
 
 
+def prepare(model, prompt, steps, gen_length, block_length, temperature, cfg_scale, remasking, mask_id,
+            attention_mask, seed, generator):
+    """What every sampler starts from, its arguments checked: `(num_blocks, block_steps, mask_id,
+    generator, x, full_attention_mask)` with x = [prompt | MASK * gen_length]."""
+    check_sampling_args(temperature, cfg_scale, remasking)
+    num_blocks, block_steps = block_schedule(gen_length, block_length, steps)
+    mask_id = resolve_mask_id(model, mask_id)
+    generator = make_generator(prompt.device, seed, generator)
+    return (num_blocks, block_steps, mask_id, generator) + init_sequence(prompt, attention_mask, gen_length, mask_id)
+
+
+def predict_step(model, x, full_mask, start: int, cfg_scale: float, mask_id: int, temperature: float,
+                 remasking: str, generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One step's `(x0, confidence)` at each generated position, and its NFE (2 with guidance)."""
+    logits = guided_logits(model, x, full_mask, start, cfg_scale, mask_id)
+    check_mask_id(logits, mask_id)
+    x0, confidence = propose(logits[:, start:], temperature, remasking, mask_id, generator)
+    return x0, confidence, 2 if cfg_scale > 0 else 1
+
+
 def _finish(x: torch.Tensor, nfe: int, return_nfe: bool):
     return (x, nfe) if return_nfe else x
 
@@ -212,11 +232,9 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
              mask_id: int | None = None, attention_mask: torch.Tensor | None = None, seed: int | None = None,
              generator: torch.Generator | None = None, return_nfe: bool = False):
     """LLaDA's semi-autoregressive sampler (the module docstring says exactly what it does)."""
-    check_sampling_args(temperature, cfg_scale, remasking)
-    num_blocks, block_steps = block_schedule(gen_length, block_length, steps)
-    mask_id = resolve_mask_id(model, mask_id)
-    generator = make_generator(prompt.device, seed, generator)
-    x, full_mask = init_sequence(prompt, attention_mask, gen_length, mask_id)
+    num_blocks, block_steps, mask_id, generator, x, full_mask = prepare(
+        model, prompt, steps, gen_length, block_length, temperature, cfg_scale, remasking, mask_id, attention_mask,
+        seed, generator)
     start = prompt.shape[1]
     gen = x[:, start:]  # a view: writing to it writes to x
     position = torch.arange(gen_length, device=x.device)
@@ -225,10 +243,9 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
         end = (block + 1) * block_length
         schedule = num_transfer_tokens((gen[:, block * block_length:end] == mask_id).sum(-1), block_steps)
         for i in range(block_steps):
-            logits = guided_logits(model, x, full_mask, start, cfg_scale, mask_id)
-            nfe += 2 if cfg_scale > 0 else 1
-            check_mask_id(logits, mask_id)
-            x0, confidence = propose(logits[:, start:], temperature, remasking, mask_id, generator)
+            x0, confidence, cost = predict_step(model, x, full_mask, start, cfg_scale, mask_id, temperature,
+                                                remasking, generator)
+            nfe += cost
             candidates = (gen == mask_id) & (position < end)
             commit = select_top(confidence.masked_fill(~candidates, float("-inf")), schedule[:, i])
             gen[commit] = x0[commit]
@@ -257,13 +274,11 @@ def generate_fast_dllm(model, prompt: torch.Tensor, steps: int = 128, gen_length
     block whose confidence reaches `threshold`; a block ends when it has no mask. NFE <= steps; it is
     the number of steps the batch ran (a batch runs until its slowest row has filled the block).
     """
-    check_sampling_args(temperature, cfg_scale, remasking)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    num_blocks, block_steps = block_schedule(gen_length, block_length, steps)
-    mask_id = resolve_mask_id(model, mask_id)
-    generator = make_generator(prompt.device, seed, generator)
-    x, full_mask = init_sequence(prompt, attention_mask, gen_length, mask_id)
+    num_blocks, block_steps, mask_id, generator, x, full_mask = prepare(
+        model, prompt, steps, gen_length, block_length, temperature, cfg_scale, remasking, mask_id, attention_mask,
+        seed, generator)
     start = prompt.shape[1]
     gen = x[:, start:]
     position = torch.arange(gen_length, device=x.device)
@@ -273,10 +288,9 @@ def generate_fast_dllm(model, prompt: torch.Tensor, steps: int = 128, gen_length
         schedule = num_transfer_tokens((gen[:, block * block_length:end] == mask_id).sum(-1), block_steps)
         i = 0
         while bool((gen[:, :end] == mask_id).any()):
-            logits = guided_logits(model, x, full_mask, start, cfg_scale, mask_id)
-            nfe += 2 if cfg_scale > 0 else 1
-            check_mask_id(logits, mask_id)
-            x0, confidence = propose(logits[:, start:], temperature, remasking, mask_id, generator)
+            x0, confidence, cost = predict_step(model, x, full_mask, start, cfg_scale, mask_id, temperature,
+                                                remasking, generator)
+            nfe += cost
             confidence = confidence.masked_fill(~((gen == mask_id) & (position < end)), float("-inf"))
             # the floor sums to the block's mask count, so the block is full after block_steps steps
             floor = schedule[:, i].clamp_min(1)
@@ -299,13 +313,11 @@ def generate_remdm(model, prompt: torch.Tensor, steps: int = 128, gen_length: in
     after the step (the lowest u kept); the step commits its scheduled count plus that number.
     NFE = steps.
     """
-    check_sampling_args(temperature, cfg_scale, remasking)
     if not 0.0 <= eta_cap <= 1.0:
         raise ValueError(f"eta_cap must be in [0, 1], got {eta_cap}")
-    num_blocks, block_steps = block_schedule(gen_length, block_length, steps)
-    mask_id = resolve_mask_id(model, mask_id)
-    generator = make_generator(prompt.device, seed, generator)
-    x, full_mask = init_sequence(prompt, attention_mask, gen_length, mask_id)
+    num_blocks, block_steps, mask_id, generator, x, full_mask = prepare(
+        model, prompt, steps, gen_length, block_length, temperature, cfg_scale, remasking, mask_id, attention_mask,
+        seed, generator)
     start = prompt.shape[1]
     gen = x[:, start:]
     position = torch.arange(gen_length, device=x.device)
@@ -314,10 +326,9 @@ def generate_remdm(model, prompt: torch.Tensor, steps: int = 128, gen_length: in
         end = (block + 1) * block_length
         schedule = num_transfer_tokens((gen[:, block * block_length:end] == mask_id).sum(-1), block_steps)
         for i in range(block_steps):
-            logits = guided_logits(model, x, full_mask, start, cfg_scale, mask_id)
-            nfe += 2 if cfg_scale > 0 else 1
-            check_mask_id(logits, mask_id)
-            x0, confidence = propose(logits[:, start:], temperature, remasking, mask_id, generator)
+            x0, confidence, cost = predict_step(model, x, full_mask, start, cfg_scale, mask_id, temperature,
+                                                remasking, generator)
+            nfe += cost
             in_scope = position < end
             masked = gen == mask_id
             u = torch.rand(gen.shape, dtype=torch.float64, device=x.device, generator=generator)
