@@ -29,7 +29,7 @@ default: exactly round(fraction x heads) pruned, wherever they are):
   the open fraction toward 1 - fraction (Voita et al. 2019), then plan_pruning on log_alpha; the
   kept heads' gate values are folded into the weights (as HeadGateModule does).
 The model is pruned physically (`prune_heads`), scored ("before"), then recovered with LoRA
-(`lightning_modules.head_gates.attach_lora`: every linear layer of the decoder, r --lora-r, the
+(`testtime.heads.attach_lora`: every linear layer of the decoder, r --lora-r, the
 output projection left out where pruned heads stay as zeros) for --recovery-steps AdamW steps
 and scored again ("after"). The dense model gets the same recovery ("dense" row, fraction 0), so
 the table separates what pruning costs from what fine-tuning on this text gains. Goal: at 30% of
@@ -172,7 +172,7 @@ def learn_l0_gates(model, batches, fraction, args) -> tuple[torch.Tensor, torch.
 
 def recover(model, heads_zeroed: int, batches, args):
     """LoRA on the pruned model, --recovery-steps AdamW steps; returns the PEFT model."""
-    from lightning_modules.head_gates import attach_lora
+    from testtime.heads import attach_lora
 
     peft_model = attach_lora(model, heads_zeroed, r=args.lora_r, alpha=2.0 * args.lora_r)
     params = [p for p in peft_model.parameters() if p.requires_grad]

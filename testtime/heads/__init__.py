@@ -6,8 +6,8 @@
     gates.detach(); report = prune_heads(model, keep) # exact; report says removed or folded
 
 Modules: gates (hooks, hard-concrete gates), importance, prune (plans, physical pruning),
-compat (the seed's load_baseline_model / load_adaptive_model face), extras (skip connections,
-head agency, the entropy gate schedule).
+recovery (LoRA on a pruned model), compat (the seed's load_baseline_model / load_adaptive_model
+face), extras (skip connections, head agency, the entropy gate schedule).
 """
 
 from testtime.heads.gates import (ARCHITECTURES, HardConcreteGates, HeadGates, HeadLayout, attach_head_gates,
@@ -16,10 +16,12 @@ from testtime.heads.gates import (ARCHITECTURES, HardConcreteGates, HeadGates, H
 from testtime.heads.importance import (attention_entropy, gradient_importance, head_importance,
                                        magnitude_importance, random_importance)
 from testtime.heads.prune import allowed_shapes, iterative_pruning_plan, keep_from_gates, plan_pruning, prune_heads
+from testtime.heads.recovery import attach_lora, lora_target_names
 
 __all__ = [
     "ARCHITECTURES", "HardConcreteGates", "HeadGates", "HeadLayout", "attach_head_gates", "attached_gates",
     "decoder_layers", "family_of", "head_layout", "head_rows", "output_projections",
     "attention_entropy", "gradient_importance", "head_importance", "magnitude_importance", "random_importance",
     "allowed_shapes", "iterative_pruning_plan", "keep_from_gates", "plan_pruning", "prune_heads",
+    "attach_lora", "lora_target_names",
 ]

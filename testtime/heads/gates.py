@@ -355,10 +355,6 @@ class HeadGates(nn.Module):
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
 
-    @property
-    def is_attached(self) -> bool:
-        return bool(self._handles)
-
     def extra_repr(self) -> str:
         return f"mode={self.mode}, layers={self.layout.num_layers}, heads={self.layout.num_heads}"
 
