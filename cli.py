@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -26,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import callbacks  # noqa: F401
 import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
-from testtime.errors import UserError
+from testtime.errors import SettingError, UserError
 
 DESCRIPTION = ("testtime: train and evaluate test-time adaptation and learned decoding of Hugging Face language "
                "models (AutoDeco, TNOT/SLOT, TTT-E2E, TinyLoRA, masked-diffusion sampling, head gating). "
@@ -67,6 +68,17 @@ class TesttimeCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
+    def instantiate_classes(self) -> None:
+        """Build the model, data and trainer. Each class checks its settings in `__init__` and raises
+        ValueError naming the field, so a ValueError here is a setting the user gave: it ends with its
+        message alone (`UserError`), as the errors of a run do."""
+        try:
+            super().instantiate_classes()
+        except UserError:
+            raise
+        except ValueError as err:
+            raise SettingError(_setting_message(str(err))) from err
+
     def _parse_ckpt_path(self) -> None:
         """Keep the settings given: the config says what to build and `--ckpt_path` fills in its
         weights (strictly, see `TesttimeModule.load_state_dict`). Lightning's default replaces the
@@ -97,6 +109,17 @@ def quiet_by_design() -> None:
     # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecated; nothing a user can change.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+
+
+def _setting_message(text: str) -> str:
+    """The constructor's own message out of jsonargparse's wrapping ("Does not validate against any of
+    the Union subtypes ... - <message> ... Given value: Namespace(class_path=...)"), with the class."""
+    reasons = [line.strip()[2:] for line in text.splitlines()
+               if line.strip().startswith("- ") and not line.strip().startswith("- Expected a <class 'NoneType'>")]
+    if not reasons:
+        return text
+    found = re.search(r"class_path='([^']+)'", text)
+    return f"{found.group(1)}: {reasons[0]}" if found else reasons[0]
 
 
 def main(args: list[str] | None = None) -> None:

@@ -128,6 +128,13 @@ def test_runtime_errors_end_with_the_message_alone(run_cli, args, env, named):
     assert "Traceback" not in out.stderr
 
 
+def test_a_setting_a_module_refuses_ends_with_its_message_alone(run_cli):
+    out = run_cli("fit", "--config", str(ROOT / "configs/head_gates/tiny.yaml"), "--model.init_args.target_sparsity=1.0")
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "Namespace(" not in out.stderr
+    assert out.stderr.strip().splitlines()[-2] == (
+        "error: lightning_modules.head_gates.HeadGateModule: target_sparsity must be in [0, 1) or null, got 1.0")
+
+
 def test_traceback_on_request(run_cli):
     out = run_cli("fit", "--config", str(ROOT / "configs/sft/tiny.yaml"),
                   "--model.init_args.model_name_or_path=./no/such/model", env={"TESTTIME_TRACEBACK": "1"})
@@ -139,4 +146,5 @@ def test_console_script_runs_the_same_cli(tmp_path):
     assert script.is_file(), "the `testtime` console script is not installed: pip install -e ."
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
+    assert "testtime: train and evaluate test-time adaptation" in " ".join(out.stdout.split())
     assert "export" in out.stdout and "fit" in out.stdout

@@ -34,5 +34,10 @@ class DataError(UserError, ValueError):
     """A data file or record that cannot be used (named, with the record and field)."""
 
 
+class SettingError(UserError, ValueError):
+    """A value in a config or on the command line that a class refused while being built (the CLI
+    turns the ValueError of a constructor into it)."""
+
+
 class UsageError(UserError, RuntimeError):
     """A command that the chosen module or recipe does not support (e.g. `fit` on an evaluation-only method)."""
