@@ -195,9 +195,16 @@ class TinyLoRAModule(TesttimeModule):
         """Log the exact number of trainable parameters, beside the formula's."""
         self.trainable_parameter_count = trainable_parameters(self.model)
         rank_zero_info(f"{type(self).__name__}: {describe_adapter(self.model)}")
+        for logger in self.loggers:  # beside the metrics (metrics.csv, TensorBoard, ...), not only the console
+            logger.log_metrics({"trainable_parameters": float(self.trainable_parameter_count)}, step=0)
         if self.trainable_parameter_count != expected_trainable_parameters(self.model):
             rank_zero_warn("the trainable parameter count differs from the formula of testtime.tinylora "
                            "(a PEFT version that groups or sizes adapters differently?)")
+        mu = self.hparams.num_iterations
+        if self.hparams.objective == "grpo" and mu > 1:
+            rank_zero_info(f"num_iterations={mu}: each rollout serves {mu} training steps, so the batches of "
+                           f"{mu - 1} steps in every {mu} are not sampled from ({1 / mu:.0%} of the training prompts "
+                           "an epoch are used); raise max_steps or max_epochs to see them all")
 
     # -- losses ------------------------------------------------------------------------------
     def _sft_loss(self, batch: dict) -> torch.Tensor:

@@ -94,6 +94,14 @@ def test_token_filter_restricts_the_loss(tiny_model_dir, batch):
     assert calls == [True]
     assert out["diagnostics"]["temperature"].numel() == 1  # the diagnostics cover the kept token only
 
+    # the filter restricts the temperature head's loss only: the top-p head trains on every token
+    module.token_filter, module._generator = None, None
+    plain = module._losses(batch)[0]
+    module.token_filter, module._generator = keep_first_valid_token, None
+    filtered = module._losses(batch)[0]
+    assert not torch.equal(filtered["temp_loss"], plain["temp_loss"])
+    assert plain["top_p_loss"] is not None and torch.equal(filtered["top_p_loss"], plain["top_p_loss"])
+
 
 def test_recorded_mean_prediction_matches_the_generation(tiny_model_dir, tiny_llama):
     module = _module(tiny_model_dir)

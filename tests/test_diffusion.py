@@ -31,7 +31,7 @@ from testtime.diffusion.sampling import (
     num_transfer_tokens,
 )
 from testtime.diffusion.tta import augmentation_mode, generate_with_tta_uncertainty, tta_passes
-from testtime.lm import IGNORE_INDEX, left_pad
+from testtime.lm import IGNORE_INDEX, cut_at_eos, left_pad
 from testtime.tiny import build_tokenizer
 
 SAMPLERS = [generate, generate_random_remasking, generate_fast_dllm, generate_remdm]
@@ -576,7 +576,11 @@ def test_diffusion_loss_trains_the_model():
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) < 0.6 * sum(losses[:5])
-    assert 0 <= float(info["masked_fraction"]) <= 1
+    # masked_fraction: the masked share of the answer tokens, from the same draw of the forward process
+    _, info = diffusion_loss(model, ids, tokenizer.mask_token_id, labels=labels, generator=torch.Generator().manual_seed(5))
+    _, masked, _ = forward_process(ids, tokenizer.mask_token_id, maskable=labels != IGNORE_INDEX,
+                                   generator=torch.Generator().manual_seed(5))
+    assert float(info["masked_fraction"]) == pytest.approx(float(masked.sum()) / float((labels != IGNORE_INDEX).sum()))
     pretrain, _ = diffusion_loss(model, ids, tokenizer.mask_token_id, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(pretrain)
 
@@ -678,5 +682,8 @@ def test_benchmark_takes_prompts_and_answers_and_plugs_into_evaluation(tiny):
     ids, mask = left_pad([tokenizer.encode("1 + 2 ="), tokenizer.encode("3")], tokenizer.pad_token_id)
     setting = greedy(as_generate_fn(generate, steps=16, block_length=16))
     texts = generate_completions(model, tokenizer, ids, mask, setting, max_new_tokens=16)
-    assert len(texts) == 2 and all(isinstance(t[0], str) for t in texts)
+    tokens = generate(model, ids, steps=16, gen_length=16, block_length=16, attention_mask=mask)
+    eos = [tokenizer.eos_token_id]
+    assert texts == [[tokenizer.decode(cut_at_eos(row, eos), skip_special_tokens=True).strip()]
+                     for row in tokens[:, ids.shape[1]:].tolist()]
 

@@ -201,5 +201,5 @@ def test_benchmark_smoke_modes(tmp_path):
     (row,) = json.loads((tmp_path / "steps" / "step_time.json").read_text())["rows"]
     assert row["trainable_parameters"] == {"no_adapter": 0, "lora_r2": 4096, "tinylora_r2_u13_tied": 13,
                                            "tinylora_r2_u64_untied": 64 * 14}
-    assert row["lora_r2/train_step_vs_lora_r2"] == 1.0 and row["tinylora_r2_u13_tied/decode_ms"] > 0
+    assert row["tinylora_r2_u13_tied/decode_ms"] > 0 and row["tinylora_r2_u13_tied/train_step_ms"] > 0
     assert {p.name for p in (tmp_path / "steps").iterdir()} == {"step_time.json", "step_time.md", "step_time.png"}

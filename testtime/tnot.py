@@ -72,6 +72,7 @@ from torch import nn
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from testtime.errors import UsageError, UserError
+from testtime.io import atomic_write_text
 from testtime.lm import IGNORE_INDEX, cut_at_eos, entropy, eos_token_ids, final_logits, scale_logits
 
 MODES = ("slot", "srgen")
@@ -792,8 +793,7 @@ def _write_records(model, generated):
             entropies = trace["entropy"]
             responses.append({"token_ids": [int(t) for t in tokens], "response": model._safe_decode_sequence(tokens),
                               "mean_entropy": sum(entropies) / len(entropies) if entropies else None, **trace})
-        with open(cfg.response_entropy_file, "w") as f:
-            json.dump(responses, f)
+        atomic_write_text(cfg.response_entropy_file, json.dumps(responses))  # a killed run keeps the old array
 
 
 # ---------------------------------------------------------------------------------------------
