@@ -171,17 +171,20 @@ class PadCollator:
 
 def tokenize_records(tokenizer, records: list[dict], max_length: int, split: str,
                      extra: Callable[[dict], dict] | None = None,
-                     drop_unlabelled: bool = True) -> tuple[list[dict], dict]:
+                     drop_unlabelled: bool = True, tokenize: Callable[[dict], dict] | None = None,
+                     kind: str = "records") -> tuple[list[dict], dict]:
     """Tokenize records and cut them to `max_length`, counting what truncation cost.
 
     A record whose completion is cut off entirely has no label left: it is dropped (and counted),
     since it would only add compute; `drop_unlabelled=False` keeps it (an evaluation split, whose
     prompt is still scored). Truncated and dropped counts are logged, never silent.
-    `extra(record)` adds fields to each kept example (e.g. the prompt alone, for generation).
+    `extra(record)` adds fields to each kept example (e.g. the prompt alone, for generation);
+    `tokenize(record)` gives `input_ids` and `labels` (default: prompt + completion records);
+    `kind` names the records in the log line.
     """
     examples, truncated, dropped = [], 0, 0
     for record in records:
-        example = tokenize_prompt_completion(tokenizer, record)
+        example = tokenize(record) if tokenize else tokenize_prompt_completion(tokenizer, record)
         if len(example["input_ids"]) > max_length:
             truncated += 1
             example = {key: value[:max_length] for key, value in example.items()}
@@ -191,8 +194,8 @@ def tokenize_records(tokenizer, records: list[dict], max_length: int, split: str
         examples.append({**example, **extra(record)} if extra else example)
     stats = {"records": len(records), "truncated": truncated, "dropped": dropped}
     if truncated:
-        log.warning("truncated %d of %d records in %s to max_length=%d; %d of them lost their whole "
-                    "completion and were dropped", truncated, len(records), split, max_length, dropped)
+        log.warning("truncated %d of %d %s in %s to max_length=%d; %d of them lost their whole "
+                    "completion and were dropped", truncated, len(records), kind, split, max_length, dropped)
     return examples, stats
 
 

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.common import TokenizerDataModule, load_dataset_split, read_json_array, read_jsonl
+from datamodules.common import TokenizerDataModule, load_dataset_split, read_json_array, read_jsonl, tokenize_records
 from datamodules.sft import split_off_validation
 from datamodules.tasks import GenerationCollator, SFTCollator
 from testtime.errors import DataError, UsageError
@@ -170,29 +170,23 @@ def tokenize_dialog(tokenizer, messages: list[dict], where: str = "conversation"
 
 
 def tokenize_dialogs(tokenizer, records: list[dict], max_length: int, split: str) -> list[dict]:
-    """Tokenized records, cut to `max_length` (counted; those left without labels dropped).
+    """Tokenized records, cut to `max_length` (`datamodules.common.tokenize_records`: counted, those
+    left without labels dropped and counted).
 
     A record with an answer also gets `prompt_ids` (the turns before its last assistant turn, with
     the generation prompt), `answer` and `question` (its last user turn), for generation.
     """
-    examples, truncated, dropped = [], 0, 0
-    for record in records:
+    def generation_fields(record: dict) -> dict:
+        if record["answer"] is None:
+            return {}
         messages = record["messages"]
-        example = tokenize_dialog(tokenizer, messages, record["where"])
-        if len(example["input_ids"]) > max_length:
-            truncated += 1
-            example = {key: value[:max_length] for key, value in example.items()}
-            if all(label == IGNORE_INDEX for label in example["labels"]):
-                dropped += 1
-                continue
-        if record["answer"] is not None:
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            example.update(prompt_ids=encode_prompt(tokenizer, messages[:last]), answer=record["answer"],
-                           question=next(m["content"] for m in reversed(messages[:last]) if m["role"] == "user"))
-        examples.append(example)
-    if truncated:
-        log.warning("truncated %d of %d dialogs in %s to max_length=%d; %d of them kept no assistant token and "
-                    "were dropped", truncated, len(records), split, max_length, dropped)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return {"prompt_ids": encode_prompt(tokenizer, messages[:last]), "answer": record["answer"],
+                "question": next(m["content"] for m in reversed(messages[:last]) if m["role"] == "user")}
+
+    examples, _ = tokenize_records(tokenizer, records, max_length, split, extra=generation_fields,
+                                   tokenize=lambda r: tokenize_dialog(tokenizer, r["messages"], r["where"]),
+                                   kind="dialogs")
     return examples
 
 

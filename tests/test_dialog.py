@@ -81,7 +81,7 @@ def test_datasets_source_and_truncation(tokenizer, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (2, 40)
-    assert "truncated 1 of 2 dialogs in train to max_length=40; 0 of them" in caplog.text
+    assert "truncated 1 of 2 dialogs in train to max_length=40; 0 of them lost their whole completion" in caplog.text
 
 
 def test_task_dialogs_follow_up_on_the_previous_answer():
