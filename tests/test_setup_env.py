@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import pytest
 
@@ -59,3 +60,13 @@ def test_too_old_a_python_is_named():
     with pytest.raises(setup_env.SetupError, match=r"needs Python 3\.10 or newer; /usr/bin/python3 is 3\.9\.2"):
         setup_env.check_python((3, 9, 2), "/usr/bin/python3")
     setup_env.check_python((3, 10, 0), "/usr/bin/python3")
+
+
+@pytest.mark.parametrize("installed, ok", [("2.13.0+cpu", True), ("2.4.0", True), ("2.6.0a0+git1234abc", True),
+                                           ("2.3.1+cu121", False), ("2.3.0a0+6ddf5cf85e.nv24.04", False)])
+def test_a_kept_torch_must_meet_the_projects_floor(installed, ok):
+    if ok:
+        setup_env.check_torch(installed)
+    else:
+        with pytest.raises(setup_env.SetupError, match=rf"has torch {re.escape(installed)}, and testtime needs torch>=2\.4"):
+            setup_env.check_torch(installed)
