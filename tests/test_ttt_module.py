@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from lightning_modules.ttt import TTTModule
@@ -148,8 +149,13 @@ def test_cli_fit_validate_memory_export_predict(run_cli, tmp_path):
 
     prompts = tmp_path / "chat.jsonl"
     prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "def f(x):"}]}) + "\n")
-    out = run_cli("predict", *common, f"--ckpt_path={ckpt}", "--data=datamodules.prompts.PromptDataModule",
-                  f"--data.path={prompts}", "--data.max_history_turns=5", "--trainer.callbacks+=PredictionWriter")
+    out = run_cli("predict", *common, f"--ckpt_path={ckpt}", "--config", str(ROOT / "configs/ttt/chat.yaml"),
+                  f"--data.path={prompts}", "--trainer.callbacks+=PredictionWriter", "--print_config")
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = yaml.safe_load(out.stdout)["data"]  # the chat overlay replaces the training data: 5 messages of history
+    assert data["class_path"] == "datamodules.prompts.PromptDataModule" and data["init_args"]["max_history_turns"] == 5
+    out = run_cli("predict", *common, f"--ckpt_path={ckpt}", "--config", str(ROOT / "configs/ttt/chat.yaml"),
+                  f"--data.path={prompts}", "--trainer.callbacks+=PredictionWriter")
     assert out.returncode == 0, out.stderr[-3000:]
     (row,) = [json.loads(line) for line in next(root.rglob("predictions.jsonl")).read_text().splitlines()]
     assert row["setting"] == "greedy" and isinstance(row["completion"], str)
