@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import os
 from typing import Any, Callable, Literal
 
@@ -41,7 +40,7 @@ from testtime.diffusion.tta import generate_with_tta_uncertainty
 from testtime.errors import CheckpointError, UsageError
 from testtime.evaluation import DecodingSetting
 from testtime.io import new_figure, standard_error
-from testtime.loading import load_tokenizer, resolve
+from testtime.loading import folder_model_type, load_tokenizer, resolve
 
 SamplerName = Literal["llada", "random", "fast_dllm", "remdm"]
 TTA = "tta"  # the key of the TTA sampler in `sampler_kwargs`
@@ -134,7 +133,7 @@ class MaskedDiffusionModule(TesttimeModule):
             return
         hp = self.hparams
         folder = resolve(hp.model_name_or_path)
-        model_type = _model_type(folder)
+        model_type = folder_model_type(folder)
         if model_type == "llada":  # its weights need its own remote code; never replace them by a new model silently
             raise UsageError(f"{folder} is a LLaDA checkpoint (model_type 'llada'): this module loads only folders of "
                              f"model_type '{MODEL_TYPE}'; run testtime.diffusion's samplers on it directly")
@@ -330,14 +329,6 @@ class MaskedDiffusionModule(TesttimeModule):
         os.makedirs(output_dir, exist_ok=True)
         self.model.save_pretrained(output_dir)
         self.tokenizer.save_pretrained(output_dir)
-
-
-def _model_type(folder: str) -> str | None:
-    config = os.path.join(folder, "config.json")
-    if not os.path.isfile(config):
-        return None
-    with open(config) as f:
-        return json.load(f).get("model_type")
 
 
 def _check_sampler_kwargs(sampler_kwargs: dict[str, dict[str, Any]]) -> None:

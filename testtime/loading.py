@@ -67,14 +67,20 @@ def embedded_gguf_path() -> Path:
 PROJECT_MODEL_TYPES = {"ttt_e2e": "testtime.ttt", "masked_diffusion_lm": "testtime.diffusion.model"}
 
 
-def register_project_model(folder: str | os.PathLike) -> None:
-    """Import the module that registers the folder's `model_type` if it is one of the project's."""
+def folder_model_type(folder: str | os.PathLike) -> str | None:
+    """The `model_type` of a saved model folder's config.json; None without one (a tokenizer-only
+    folder). An unreadable config.json raises (OSError, or ValueError for bad JSON)."""
     config = Path(folder) / "config.json"
     if not config.is_file():
-        return
+        return None
+    return json.loads(config.read_text()).get("model_type")
+
+
+def register_project_model(folder: str | os.PathLike) -> None:
+    """Import the module that registers the folder's `model_type` if it is one of the project's."""
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError):
+        model_type = folder_model_type(folder)
+    except (OSError, ValueError):  # the Hugging Face loader then says what is wrong with the folder
         return
     if model_type in PROJECT_MODEL_TYPES:
         importlib.import_module(PROJECT_MODEL_TYPES[model_type])
