@@ -34,7 +34,10 @@ Training: one step of the heads (frozen base forward under no_grad + heads + `tr
 legacy_ce + backward + AdamW) against a frozen forward-only pass of the base over the same batch,
 with a breakdown and the temperature-only / top-p-only variants; `both` uses the soft top-p loss's
 certified top-256 path (full sort only for rows it cannot certify: `full_sort_fraction`),
-`both_full_sort` the sort of the whole vocabulary for every token (the exact formula, as before).
+`both_full_sort` the sort of the whole vocabulary for every token (the exact formula, as before);
+`both_compiled` / `temp_only_compiled` the same steps with `compiled=True` (torch.compile of the
+features and the losses: the module's `compile_losses`), whose loss is compared with the eager one
+on the same batch (`compiled_loss_abs_diff`).
 The final norm is scaled (`--final-norm-scale`, 20) so that the random model's next-token entropy
 is a trained model's (~1 nat) and the loss meets realistic tails. Goal: `both` within 1.3x of
 the frozen forward.
@@ -191,10 +194,15 @@ def bench_train(name, llm, args, device, results):
     row["base_forward_ms"] = median_time(forward_only, args.train_iters)
     # both: the default soft top-p loss (certified top-256, full sort only where needed);
     # both_full_sort: the exact loss through a sort of the whole vocabulary for every token
-    variants = {"both": (True, True, 256), "both_full_sort": (True, True, None), "temp_only": (True, False, 256),
-                "top_p_only": (False, True, 256)}
-    for variant, (temp, top_p, top_k) in variants.items():
+    # *_compiled: the same through torch.compile (`compiled=True`, the module's compile_losses)
+    variants = {"both": (True, True, 256, False), "both_full_sort": (True, True, None, False),
+                "temp_only": (True, False, 256, False), "top_p_only": (False, True, 256, False),
+                "both_compiled": (True, True, 256, True), "temp_only_compiled": (True, False, 256, True)}
+    for variant, (temp, top_p, top_k, compiled) in variants.items():
+        torch.manual_seed(0)  # the same initial heads for every variant
         model = ad.AutoDecoModel(llm, enable_temperature_head=temp, enable_top_p_head=top_p).to(device)
+        if model.top_p_head is not None:
+            model.top_p_head.compiled = compiled
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=5e-6)
         if variant == "both":  # how many tokens needed the full sort (at the heads' initial T, P)
@@ -209,10 +217,22 @@ def bench_train(name, llm, args, device, results):
                 row["mean_entropy"] = float(-(torch.softmax(z[sel].float(), -1) *
                                               torch.log_softmax(z[sel].float(), -1)).sum(-1).mean())
                 del out, probs
+        if compiled:  # the compiled loss against the eager one, same heads and batch, before any step
+            with torch.no_grad():
+                values = []
+                for c in (False, True):
+                    if model.top_p_head is not None:
+                        model.top_p_head.compiled = c
+                    out = model(input_ids=ids, attention_mask=mask)
+                    values.append(ad.training_losses(out, labels, generator=torch.Generator(device).manual_seed(0),
+                                                     top_k=top_k, compiled=c)["loss"].item())
+                row[f"{variant}_loss_abs_diff"] = abs(values[1] - values[0])
+                del out
 
         def step():
             out = model(input_ids=ids, attention_mask=mask)
-            loss = ad.training_losses(out, labels, objective="legacy_ce", generator=gen, top_k=top_k)["loss"]
+            loss = ad.training_losses(out, labels, objective="legacy_ce", generator=gen, top_k=top_k,
+                                      compiled=compiled)["loss"]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -231,7 +251,8 @@ def bench_train(name, llm, args, device, results):
                 ad.predict_heads(model.temp_head, model.top_p_head, out.hidden_states, out.logits)
             sync(device)
             t2 = time.perf_counter()
-            losses = ad.training_losses(out, labels, objective="legacy_ce", generator=gen, top_k=top_k)
+            losses = ad.training_losses(out, labels, objective="legacy_ce", generator=gen, top_k=top_k,
+                                        compiled=compiled)
             sync(device)
             t3 = time.perf_counter()
             losses["loss"].backward()
@@ -258,6 +279,16 @@ def bench_train(name, llm, args, device, results):
 # output
 
 
+TRAIN_VARIANTS = ("both", "both_full_sort", "temp_only", "top_p_only", "both_compiled", "temp_only_compiled")
+
+
+def cell(row, variant) -> str:
+    """'ms (ratio)', or '-' for a variant that row lacks (a run from before it existed)."""
+    if f"{variant}_step_ms" not in row:
+        return "-"
+    return f"{row[f'{variant}_step_ms']:.1f} ({row[f'{variant}_ratio']:.2f}x)"
+
+
 def markdown(results) -> str:
     lines = []
     if results["decode"]:
@@ -273,18 +304,21 @@ def markdown(results) -> str:
                          f"{f('autodeco_vs_sample', '{:.3f}x')} | {f('autodeco_hooks_ratio', '{:.3f}x')} |")
     if results["train"]:
         lines += ["", "| model | batch x len | base forward ms | step both heads ms (ratio) | both, full sort "
-                  "(ratio) | temp only | top-p only | tokens fully sorted | mean entropy |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "(ratio) | temp only | top-p only | both, compiled | temp only, compiled | tokens fully sorted | "
+                  "mean entropy |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in results["train"]:
             lines.append(f"| {r['model']} | {r['batch']}x{r['seq_len']} | {r['base_forward_ms']:.1f} | "
                          f"{r['both_step_ms']:.1f} ({r['both_ratio']:.2f}x) | {r['both_full_sort_step_ms']:.1f} "
                          f"({r['both_full_sort_ratio']:.2f}x) | {r['temp_only_step_ms']:.1f} "
                          f"({r['temp_only_ratio']:.2f}x) | {r['top_p_only_step_ms']:.1f} "
-                         f"({r['top_p_only_ratio']:.2f}x) | {r['full_sort_fraction']:.1%} | {r['mean_entropy']:.2f} |")
+                         f"({r['top_p_only_ratio']:.2f}x) | {cell(r, 'both_compiled')} | {cell(r, 'temp_only_compiled')} | "
+                         f"{r['full_sort_fraction']:.1%} | {r['mean_entropy']:.2f} |")
         lines += ["", "| model | variant | forward (base + heads) | heads alone | losses | backward + AdamW |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for r in results["train"]:
-            for v in ("both", "both_full_sort", "temp_only", "top_p_only"):
+            for v in TRAIN_VARIANTS:
+                if f"{v}_breakdown_ms" not in r:
+                    continue
                 b = r[f"{v}_breakdown_ms"]
                 lines.append(f"| {r['model']} | {v} | {b['forward_base_and_heads']:.1f} | {b['heads_only']:.1f} | "
                              f"{b['losses']:.1f} | {b['backward_and_adamw']:.1f} |")
@@ -301,7 +335,7 @@ def plot(results, path: Path):
                 labels.append(f"{r['model']}\n{r['cache']} b{r['batch']}\n{m.replace('autodeco', 'ad')}")
                 values.append(r[f"{m}_ratio"])
     for r in results["train"]:
-        for v in ("both", "both_full_sort", "temp_only", "top_p_only"):
+        for v in [v for v in TRAIN_VARIANTS if f"{v}_ratio" in r]:
             labels.append(f"{r['model']}\ntrain\n{v}")
             values.append(r[f"{v}_ratio"])
     if not values:

@@ -68,6 +68,9 @@ class AutoDecoModule(TesttimeModule):
         eval_max_new_tokens: tokens generated per answer in validate/test.
         eval_num_samples: k samples per problem for every sampled setting (pass@1 over k).
         eval_seed: seed of evaluation sampling.
+        compile_losses: run the per-token computations over the vocabulary (the top-p head's
+            features, both losses) through torch.compile: on a GPU they are most of a step's cost
+            over the frozen forward (`benchmarks/RESULTS.md`); the first steps compile.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class AutoDecoModule(TesttimeModule):
         eval_max_new_tokens: int = 32,
         eval_num_samples: int = 4,
         eval_seed: int = 0,
+        compile_losses: bool = False,
     ):
         super().__init__(model_name_or_path, eval_max_new_tokens, eval_num_samples, eval_seed)
         if not (train_temp or train_top_p):
@@ -130,6 +134,8 @@ class AutoDecoModule(TesttimeModule):
         for head, train in ((self.model.temp_head, hp.train_temp), (self.model.top_p_head, hp.train_top_p)):
             if head is not None:
                 head.requires_grad_(train)
+        if self.model.top_p_head is not None:
+            self.model.top_p_head.compiled = hp.compile_losses
 
     def generation_model(self):
         return self.model.llm
@@ -153,7 +159,7 @@ class AutoDecoModule(TesttimeModule):
             out, labels, objective=hp.objective, temp_mask=mask, generator=self._generator,
             easy_token_drop=hp.easy_token_drop, steepness=hp.top_p_steepness, min_p_ratio=hp.min_p_ratio,
             under_weight=hp.under_weight, over_weight=hp.over_weight,
-            temp_cap=None if hp.temp_cap < 0 else hp.temp_cap,
+            temp_cap=None if hp.temp_cap < 0 else hp.temp_cap, compiled=hp.compile_losses,
         )
         if not hp.train_temp:
             losses["loss"] = losses["top_p_loss"]

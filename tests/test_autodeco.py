@@ -695,3 +695,43 @@ def test_heads_see_the_rescaled_logits_of_a_soft_capping_family(tokenizer):
         assert torch.allclose(gen.top_p, forced.top_p[:, 4:-1], atol=1e-5)
         assert (forced.logits.abs() <= 2.0 + 1e-5).all()
 
+
+
+def test_compiled_features_and_losses_match_eager(tiny_llama, monkeypatch):
+    """`compiled=True` runs the top-p features and both losses through torch.compile with dynamic
+    shapes (aot_eager here: the graphs and their autograd, without a GPU's code generation): the same
+    P, losses and head gradients as eagerly, over two token counts and with rows that take the
+    full-sort fallback."""
+    import testtime.autodeco as autodeco
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager", **kw))
+    monkeypatch.setattr(autodeco, "_COMPILED", {})
+    llm, tok = tiny_llama
+    torch.manual_seed(0)
+    model = AutoDecoModel(llm)
+    counters.clear()
+    for length in (9, 14):  # a second token count reuses the dynamic graphs
+        ids = torch.randint(5, len(tok), (2, length))
+        results = []
+        for compiled in (False, True):
+            model.top_p_head.compiled = compiled
+            out = model(ids)
+            losses = training_losses(out, ids, generator=torch.Generator().manual_seed(0), top_k=8, compiled=compiled)
+            grads = torch.autograd.grad(losses["loss"], [p for p in model.parameters() if p.requires_grad])
+            results.append((out.top_p, losses["temp_loss"], losses["top_p_loss"], grads))
+        (p0, t0, s0, g0), (p1, t1, s1, g1) = results
+        assert torch.allclose(p0, p1, atol=1e-6)
+        assert torch.allclose(t0, t1, atol=1e-6) and torch.allclose(s0, s1, atol=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1))
+    assert counters["stats"]["unique_graphs"] >= 3  # features, temperature loss, top-p loss really compiled
+    # peaked rows certified by the top-k estimate beside flat ones that fall back to the full sort
+    z = torch.randn(1, 16, 64, dtype=torch.float64) * torch.tensor([9.0, 0.3]).repeat(8)[None, :, None]
+    y, t = torch.randint(0, 64, (1, 16)), torch.rand(1, 16, dtype=torch.float64) + 0.4
+    p = (torch.rand(1, 16, dtype=torch.float64) * 0.9 + 0.05).requires_grad_(True)
+    exact = soft_top_p_loss(z, t, p, y, top_k=None)
+    fast = soft_top_p_loss(z, t, p, y, top_k=8, compiled=True)
+    assert fast.item() == pytest.approx(exact.item(), abs=1e-7)
+    assert torch.allclose(torch.autograd.grad(fast, p)[0], torch.autograd.grad(exact, p)[0], atol=1e-9)
+    torch._dynamo.reset()

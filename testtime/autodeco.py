@@ -58,25 +58,47 @@ class TempHead(nn.Module):
         return self.mlp(hidden).squeeze(-1) * 2
 
 
-def prob_stats(logits: torch.Tensor, temperature: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def _prob_stats_rows(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    p = torch.softmax(z.float() / (t.float()[:, None] + 1e-8), dim=-1)
+    entropy = -(p * torch.log(p + 1e-8)).sum(-1)
+    top5 = p.topk(min(5, p.shape[-1]), dim=-1).values.sum(-1)
+    return torch.stack([p.max(-1).values, entropy, p.var(-1), top5], dim=-1)
+
+
+def prob_stats(logits: torch.Tensor, temperature: torch.Tensor, chunk: int = 1024, compiled: bool = False):
     """[max p, entropy, var, top-5 mass] of p = softmax(z / (T + 1e-8)), float32, [..., 4].
 
     The same formulas as the original code (entropy with log(p + 1e-8), unbiased variance) so
     published TopP heads see the features they were trained on. No gradient flows here (the
     logits come from the frozen base and T is detached), so rows are processed in chunks to
-    bound the float32 [tokens, vocab] temporaries.
+    bound the float32 [tokens, vocab] temporaries. `compiled`: through `torch.compile` (see
+    `kernel`), which fuses the passes over the vocabulary.
     """
     shape = logits.shape[:-1]
     z = logits.reshape(-1, logits.shape[-1])
     t = temperature.detach().reshape(-1)
-    out = []
+    rows = kernel(_prob_stats_rows, compiled)
     with torch.no_grad():
-        for i in range(0, z.shape[0], chunk):
-            p = torch.softmax(z[i:i + chunk].float() / (t[i:i + chunk].float()[:, None] + 1e-8), dim=-1)
-            entropy = -(p * torch.log(p + 1e-8)).sum(-1)
-            top5 = p.topk(min(5, p.shape[-1]), dim=-1).values.sum(-1)
-            out.append(torch.stack([p.max(-1).values, entropy, p.var(-1), top5], dim=-1))
+        out = [rows(z[i:i + chunk], t[i:i + chunk]) for i in range(0, z.shape[0], chunk)]
     return torch.cat(out).reshape(*shape, 4) if out else z.new_zeros(*shape, 4, dtype=torch.float32)
+
+
+_COMPILED: dict = {}
+
+
+def kernel(fn, compiled: bool):
+    """`fn`, or `torch.compile(fn, dynamic=True)` (one per function) when `compiled`.
+
+    The per-token computations over the vocabulary (the top-p head's features, both losses) are
+    chains of elementwise ops and reductions: eagerly each is a pass over a float32 [tokens,
+    vocab] tensor, compiled they fuse into a few kernels. The first calls compile (seconds on a
+    GPU, longer on a CPU); token counts vary between batches, hence dynamic shapes.
+    """
+    if not compiled:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
 
 
 class TopPHead(nn.Module):
@@ -88,6 +110,7 @@ class TopPHead(nn.Module):
         self.use_enhanced_features = use_enhanced_features
         in_dim = hidden_size + 1 + (4 if use_enhanced_features else 0)
         self.mlp = nn.Sequential(nn.Linear(in_dim, width), nn.ReLU(), nn.Linear(width, 1), nn.Sigmoid())
+        self.compiled = False  # compute the features through torch.compile (`prob_stats`); not saved
 
     def forward(self, hidden: torch.Tensor, temperature: torch.Tensor, logits: torch.Tensor | None = None):
         dtype = self.mlp[0].weight.dtype
@@ -96,7 +119,7 @@ class TopPHead(nn.Module):
         if self.use_enhanced_features:
             if logits is None:
                 raise ValueError("TopPHead(use_enhanced_features=True) needs the logits")
-            feats.append(prob_stats(logits, t).to(dtype))
+            feats.append(prob_stats(logits, t, compiled=self.compiled).to(dtype))
         return self.mlp(torch.cat(feats, dim=-1)).squeeze(-1)
 
 
@@ -342,12 +365,19 @@ def _label_prob(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.softmax(z.detach(), dim=-1).gather(-1, y[:, None]).squeeze(-1)
 
 
-def temperature_loss(logits, temperature, labels, easy_token_drop: float = 0.6, generator=None, mask=None):
+def _temperature_rows(z, t, y):
+    z = _f32(z)
+    ce = F.cross_entropy(z / _f32(t).clamp_min(1e-2)[:, None], y, reduction="none")
+    return ce * _label_prob(z, y)
+
+
+def temperature_loss(logits, temperature, labels, easy_token_drop: float = 0.6, generator=None, mask=None,
+                     compiled: bool = False):
     """Legacy AutoDeco temperature loss.
 
     Easy tokens (base argmax == label) are dropped with probability `easy_token_drop`, redrawn at
     every call. Per kept token `CE(z / T, y) * stopgrad(softmax(z)[y])` with T clamped at 1e-2;
-    mean over kept tokens; 0 (with a gradient path) if none is kept.
+    mean over kept tokens; 0 (with a gradient path) if none is kept. `compiled`: see `kernel`.
     """
     selected = _selected(labels, mask)
     with torch.no_grad():
@@ -356,14 +386,30 @@ def temperature_loss(logits, temperature, labels, easy_token_drop: float = 0.6, 
     keep = selected & ~drop
     if not keep.any():
         return _zero(temperature)
-    z, y = _f32(logits[keep]), labels[keep]
-    t = _f32(temperature[keep]).clamp_min(1e-2)
-    ce = F.cross_entropy(z / t[:, None], y, reduction="none")
-    return (ce * _label_prob(z, y)).mean()
+    return kernel(_temperature_rows, compiled)(logits[keep], temperature[keep], labels[keep]).mean()
+
+
+def _soft_top_p_rows(z, t, top_p, y, steepness: float, k: int | None):
+    """Per row: the label's masked mass p_y m_y, the normalizer sum_v p_v m_v (estimated from the
+    top k with its error bound, or exact through the full sort when k is None) and the weight."""
+    z = _f32(z)
+    p = torch.softmax(z / t[:, None], dim=-1)
+    weight = _label_prob(z, y)
+    p_y = p.gather(-1, y[:, None]).squeeze(-1)
+    # the label's inclusive cumulative mass: what is more likely than it, plus itself (no sort)
+    with torch.no_grad():
+        above = p > p_y[:, None].detach()
+    c_y = (p * above).sum(-1) + p_y
+    m_y = torch.exp(-steepness * torch.relu(c_y - top_p))
+    if k is None:
+        normalizer, error = _exact_normalizer(p, top_p, steepness), torch.zeros_like(p_y)
+    else:
+        normalizer, error = _top_k_estimate(p, top_p, steepness, k)
+    return p_y * m_y, normalizer, error, weight
 
 
 def soft_top_p_loss(logits, temperature, top_p, labels, steepness: float = 30.0, mask=None, top_k: int | None = 256,
-                    tolerance: float = 1e-5):
+                    tolerance: float = 1e-5, compiled: bool = False):
     """Differentiable top-p surrogate.
 
     p = softmax(z / T) (T is NOT detached), sorted descending, inclusive cumulative sum c;
@@ -373,25 +419,32 @@ def soft_top_p_loss(logits, temperature, top_p, labels, steepness: float = 30.0,
     The full sort over the vocabulary is most of an AutoDeco training step, so by default only
     the `top_k` most likely tokens are sorted (`soft_top_p_normalizer`), and rows whose tail
     estimate cannot be certified to within `tolerance` of the exact per-token loss fall back to
-    the full sort. `top_k=None` always sorts everything.
+    the full sort. `top_k=None` always sorts everything. `compiled`: see `kernel` (the rows that
+    fall back are summed eagerly).
     """
     selected = _selected(labels, mask)
     if not selected.any():
         return _zero(temperature, top_p)
-    z, y = _f32(logits[selected]), labels[selected]
+    z, y = logits[selected], labels[selected]
     t = _f32(temperature[selected]).clamp_min(1e-8)
     p_top = _f32(top_p[selected])
-    p = torch.softmax(z / t[:, None], dim=-1)
-    weight = _label_prob(z, y)
-    p_y = p.gather(-1, y[:, None]).squeeze(-1)
-    # the label's inclusive cumulative mass: what is more likely than it, plus itself (no sort)
-    with torch.no_grad():
-        above = p > p_y[:, None].detach()
-    c_y = (p * above).sum(-1) + p_y
-    m_y = torch.exp(-steepness * torch.relu(c_y - p_top))
-    normalizer, _ = soft_top_p_normalizer(p, p_top, steepness, top_k, tolerance / weight.clamp_min(1e-12))
-    p_label = p_y * m_y / (normalizer + 1e-9)
+    k = None if top_k is None or top_k >= z.shape[-1] else top_k
+    numerator, normalizer, error, weight = kernel(_soft_top_p_rows, compiled)(z, t, p_top, y, steepness, k)
+    if k is not None:
+        tolerance = tolerance / weight.clamp_min(1e-12)
+        with torch.no_grad():
+            todo = (~(error <= tolerance * normalizer.clamp_min(1e-30))).nonzero().squeeze(-1)
+        if len(todo):  # a tail too heavy to bound: 8 x top_k tokens, then the full sort
+            p_rows = torch.softmax(_f32(z[todo]) / t[todo, None], dim=-1)
+            exact, _ = soft_top_p_normalizer(p_rows, p_top[todo], steepness, k, tolerance[todo])
+            normalizer = normalizer.index_put((todo,), exact)
+    p_label = numerator / (normalizer + 1e-9)
     return (-torch.log(p_label + 1e-9) * weight).mean()
+
+
+def _exact_normalizer(p, top_p, steepness: float):
+    sorted_p = p.sort(dim=-1, descending=True).values
+    return (sorted_p * torch.exp(-steepness * torch.relu(sorted_p.cumsum(-1) - top_p[:, None]))).sum(-1)
 
 
 def soft_top_p_normalizer(p, top_p, steepness: float = 30.0, top_k: int | None = 256, tolerance=1e-5):
@@ -408,13 +461,9 @@ def soft_top_p_normalizer(p, top_p, steepness: float = 30.0, top_k: int | None =
     error bound exceeds `tolerance` times the estimate try again with 8 x top_k tokens, then are
     summed over the full sort.
     """
-    def exact(rows, rows_top_p):
-        sorted_p = rows.sort(dim=-1, descending=True).values
-        return (sorted_p * torch.exp(-steepness * torch.relu(sorted_p.cumsum(-1) - rows_top_p[:, None]))).sum(-1)
-
     vocab = p.shape[-1]
     if top_k is None or top_k >= vocab:
-        return exact(p, top_p), torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+        return _exact_normalizer(p, top_p, steepness), torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
     tolerance = torch.as_tensor(tolerance, dtype=p.dtype, device=p.device).expand(p.shape[0])
     total = p.new_zeros(p.shape[0])
     todo = torch.arange(p.shape[0], device=p.device)  # rows not certified yet
@@ -430,7 +479,7 @@ def soft_top_p_normalizer(p, top_p, steepness: float = 30.0, top_k: int | None =
     fallback = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
     if len(todo):
         fallback[todo] = True
-        total = total.index_put((todo,), exact(p[todo], top_p[todo]))
+        total = total.index_put((todo,), _exact_normalizer(p[todo], top_p[todo], steepness))
     return total, fallback
 
 
@@ -549,7 +598,7 @@ def goldilocks_mask(logits, labels, min_p_ratio: float = 0.1, temp_cap: float | 
 def training_losses(output: AutoDecoOutput, labels, objective: str = "legacy_ce", temp_mask=None, top_p_mask=None,
                     generator=None, easy_token_drop: float = 0.6, steepness: float = 30.0, min_p_ratio: float = 0.1,
                     under_weight: float = 1.0, over_weight: float = 1.0, temp_cap: float | None = 2.0,
-                    top_k: int | None = 256) -> dict:
+                    top_k: int | None = 256, compiled: bool = False) -> dict:
     """All losses of one batch: {"loss", "temp_loss", "top_p_loss"} (absent heads give None).
 
     `labels` are HF-style (aligned with input_ids, prompt = -100); the shift happens here.
@@ -557,13 +606,15 @@ def training_losses(output: AutoDecoOutput, labels, objective: str = "legacy_ce"
     those of the top-p loss, each over the SHIFTED positions [B, L - 1] (None: every labelled token).
     objective: "legacy_ce" (temperature CE) or "analytic_min_p_hinge" for the temperature head.
     `top_k`: the soft top-p loss sorts only that many tokens per row when it can certify the rest
-    (see `soft_top_p_normalizer`; None sorts the whole vocabulary).
+    (see `soft_top_p_normalizer`; None sorts the whole vocabulary). `compiled`: the per-token
+    vocabulary computations of both losses through torch.compile (`kernel`).
     """
     logits, temperature, top_p, labels = shift_for_next_token(output.logits, output.temperature, output.top_p, labels)
     temp_loss = top_p_loss = None
     if temperature is not None:
         if objective == "legacy_ce":
-            temp_loss = temperature_loss(logits, temperature, labels, easy_token_drop, generator, mask=temp_mask)
+            temp_loss = temperature_loss(logits, temperature, labels, easy_token_drop, generator, mask=temp_mask,
+                                         compiled=compiled)
         elif objective == "analytic_min_p_hinge":
             temp_loss = min_p_hinge_loss(logits, temperature, labels, min_p_ratio, under_weight, over_weight,
                                          temp_cap, mask=temp_mask)
@@ -571,7 +622,8 @@ def training_losses(output: AutoDecoOutput, labels, objective: str = "legacy_ce"
             raise ValueError(f"unknown objective {objective!r}: use 'legacy_ce' or 'analytic_min_p_hinge'")
     if top_p is not None:
         t = temperature if temperature is not None else torch.ones_like(top_p)
-        top_p_loss = soft_top_p_loss(logits, t, top_p, labels, steepness, mask=top_p_mask, top_k=top_k)
+        top_p_loss = soft_top_p_loss(logits, t, top_p, labels, steepness, mask=top_p_mask, top_k=top_k,
+                                     compiled=compiled)
     loss = sum(x for x in (temp_loss, top_p_loss) if x is not None)
     return {"loss": loss, "temp_loss": temp_loss, "top_p_loss": top_p_loss}
 
