@@ -21,6 +21,7 @@ import os
 import tempfile
 from typing import Literal
 
+import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
@@ -28,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_modules.base import TesttimeModule
 from testtime.autodeco import AutoDecoModel, autodeco_generate, required_temperature, training_losses
 from testtime.autodeco_export import load_autodeco, merge_autodeco
-from testtime.autodeco_plots import training_figures
+from testtime.autodeco_plots import temperature_by_token, token_types, training_figures
 from testtime.evaluation import DecodingSetting, evaluate, pick_best, sampling, sweep_settings
 from testtime.lm import IGNORE_INDEX, before_eos_mask, entropy, eos_token_ids
 
@@ -113,6 +114,7 @@ class AutoDecoModule(TesttimeModule):
         self._generator: torch.Generator | None = None
         self._with_grid = False
         self._prediction_sums = torch.zeros(3, dtype=torch.float64)  # sum T, sum P, tokens
+        self._test_tokens: list | None = None  # (token ids, used, T, P) of each test generation
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -215,7 +217,7 @@ class AutoDecoModule(TesttimeModule):
         """A `generate_fn` (see testtime.evaluation) sampling with the heads' T and P.
 
         With `record`, the T and P used for tokens up to each row's EOS are summed, for the
-        "static setting = mean prediction" baseline.
+        "static setting = mean prediction" baseline, and during test kept per token.
         """
 
         def generate(model, input_ids, attention_mask, **kwargs):
@@ -230,6 +232,9 @@ class AutoDecoModule(TesttimeModule):
                 self._prediction_sums += torch.tensor([
                     float((out.temperature * used).sum()), float((out.top_p * used).sum()), float(used.sum())],
                     dtype=torch.float64)
+                if self._test_tokens is not None:  # test: every token's T and P, for temperature_by_token.png
+                    self._test_tokens.append((new.cpu(), used.bool().cpu(), out.temperature.float().cpu(),
+                                              out.top_p.float().cpu()))
             return out.sequences
 
         return generate
@@ -315,19 +320,50 @@ class AutoDecoModule(TesttimeModule):
                        f"heads' mean prediction T={self.mean_prediction[0]:.3f} P={self.mean_prediction[1]:.3f}"
                        if self.mean_prediction else f"best static setting {self.best_static.name}")
 
+    def on_test_epoch_start(self) -> None:
+        self._test_tokens = []
+
+    def _token_points(self) -> dict:
+        """Every token AutoDeco generated on the test problems (all ranks): T, P, position, type."""
+        rows = self._test_tokens or []
+        self._test_tokens = None
+        if self.trainer.world_size > 1:  # a collective: every rank takes part
+            gathered = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        end_texts = {self.tokenizer.decode([i]) for i in eos_token_ids(self.generation_model(), self.tokenizer)}
+        points = {"temperature": [], "top_p": [], "position": [], "type": []}
+        for ids, used, temperature, top_p in rows:
+            for b in range(ids.shape[0]):
+                n = int(used[b].sum())  # the used tokens are a prefix: up to and with the EOS
+                points["type"] += token_types([self.tokenizer.decode([i]) for i in ids[b, :n].tolist()], end_texts)
+                points["temperature"] += temperature[b, :n].tolist()
+                points["top_p"] += top_p[b, :n].tolist()
+                points["position"] += list(range(n))
+        return {k: np.asarray(v) for k, v in points.items()}
+
     def on_test_epoch_end(self) -> None:
         results = self.log_accuracies("test")
         n = self.problems_scored("test")  # a collective: every rank takes part
+        points = self._token_points()
         if not results:
             return
         log_dir = self.results_dir()
         plots = sorted(glob.glob(os.path.join(log_dir, "diagnostics", "*.png")))
+        static = {}
+        if self.best_static is not None:
+            static[f"best static ({self.best_static.name})"] = self.best_static.temperature
+        if self.mean_prediction is not None:
+            static["heads' mean"] = self.mean_prediction[0]
+        by_token_figure, by_token = temperature_by_token(points, static)
         self.write_results(
             "test", {k.removeprefix("test/acc_"): v for k, v in results.items()}, n_problems=n,
             title=f"AutoDeco evaluation, {n} test problems, k={self.eval_num_samples} samples per sampled setting:",
             payload={"k": self.eval_num_samples, "best_static": self.best_static.name if self.best_static else None,
                      "mean_prediction": self.mean_prediction,
-                     "validation_results": getattr(self, "validation_results", None), "diagnostics_plots": plots})
+                     "validation_results": getattr(self, "validation_results", None), "diagnostics_plots": plots,
+                     "temperature_by_token": by_token},
+            figures={"temperature_by_token.png": by_token_figure})
         if plots:
             rank_zero_info("training diagnostics plots: " + ", ".join(plots))
 

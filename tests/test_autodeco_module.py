@@ -203,3 +203,40 @@ def test_the_hinge_recipe_runs_through_the_cli_on_the_tiny_model(run_cli, tmp_pa
     assert config["enable_temperature_head"] and not config["enable_top_p_head"]
     results = json.loads(next(root.rglob("test_results.json")).read_text())
     assert set(results["results"]) == {"greedy", "sample_T1_p1", "best_static", "mean_static", "autodeco"}
+
+
+def test_test_writes_the_temperature_of_every_generated_token(tiny_model_dir, monkeypatch, tmp_path):
+    """`temperature_by_token` (test_results.json, and its PNG) covers exactly the tokens AutoDeco
+    generated on the test problems, up to and with each row's EOS, with the T they were sampled at."""
+    import lightning as L
+
+    import lightning_modules.autodeco as autodeco_module
+
+    module = AutoDecoModule(model_name_or_path=tiny_model_dir, static_temperatures=[1.0], static_top_ps=[1.0],
+                            eval_num_samples=2, eval_max_new_tokens=5)
+    real, test_outputs = autodeco_module.autodeco_generate, []
+
+    def recording(model, heads, input_ids, *args, **kwargs):
+        out = real(model, heads, input_ids, *args, **kwargs)
+        if module._test_tokens is not None:  # the test epoch, not the validation pass before it
+            test_outputs.append((out.sequences[:, input_ids.shape[1]:], out.temperature))
+        return out
+
+    monkeypatch.setattr(autodeco_module, "autodeco_generate", recording)
+    dm = TaskDataModule(tiny_model_dir, n_train=4, n_val=2, n_test=3, eval_batch_size=3, seed=5)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.test(module, dm)
+    eos = module.tokenizer.eos_token_id
+    count, total = 0, 0.0
+    for new, temperature in test_outputs:
+        for row, t in zip(new.tolist(), temperature.tolist()):
+            n = row.index(eos) + 1 if eos in row else len(row)
+            count, total = count + n, total + sum(t[:n])
+    assert sum(new.shape[0] for new, _ in test_outputs) == 6 and count > 0  # k = 2 samples of 3 test problems
+    summary = json.loads((tmp_path / "test_results.json").read_text())["temperature_by_token"]
+    assert summary["tokens"] == count
+    by_type = summary["by_type"].values()
+    assert sum(v["tokens"] for v in by_type) == count
+    assert sum(v["mean_temperature"] * v["tokens"] for v in by_type) == pytest.approx(total, rel=1e-5)
+    assert (tmp_path / "temperature_by_token.png").stat().st_size > 0

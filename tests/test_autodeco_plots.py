@@ -4,8 +4,16 @@ panel per unit."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from testtime.autodeco_plots import _equal_count_bins, by_entropy, over_steps, temperature_vs_required
+from testtime.autodeco_plots import (
+    _equal_count_bins,
+    by_entropy,
+    over_steps,
+    temperature_by_token,
+    temperature_vs_required,
+    token_types,
+)
 
 
 def _points(n=1000, seed=0):
@@ -50,3 +58,27 @@ def test_over_steps_puts_each_unit_on_its_own_axis():
                                                           "temperature (dimensionless)", "top-p (probability mass)"]
     assert len(fig.axes[0].get_lines()) == 2  # temperature and required temperature share their unit
     assert over_steps(records[:1]) is None
+
+
+def test_token_types_of_a_worked_solution():
+    pieces = [" 3", " +", " 4", " =", " 7", ".", " The", " answer", " is", " 1", "2", ".", "\n", "<eos>"]
+    assert token_types(pieces, {"<eos>"}) == [
+        "number", "operator", "number", "operator", "number", "punctuation", "word", "word", "word",
+        "final answer", "final answer", "punctuation", "punctuation", "end"]
+    # digits after "Answer:" are the answer too; a number after more words is not
+    assert token_types(["Answer", ":", " -5", " apples", " 6"]) == ["word", "punctuation", "final answer", "word", "number"]
+
+
+def test_temperature_by_token_summarizes_by_type_and_position():
+    t = np.array([0.2, 0.4, 1.0, 1.2, 0.6, 0.8])
+    points = {"temperature": t, "top_p": np.full(6, 0.9), "position": np.array([0, 1, 2, 0, 1, 5]),
+              "type": np.array(["number", "number", "word", "word", "final answer", "end"])}
+    fig, summary = temperature_by_token(points, {"best static": 0.7}, position_bin=2, min_tokens=1)
+    assert fig is not None and summary["tokens"] == 6
+    assert summary["by_type"]["number"]["mean_temperature"] == pytest.approx(0.3)
+    assert summary["by_type"]["number"]["se"] == pytest.approx(np.std([0.2, 0.4], ddof=1) / np.sqrt(2))
+    assert summary["by_type"]["word"]["mean_temperature"] == pytest.approx(1.1)
+    assert "operator" not in summary["by_type"]
+    # positions 0-1: T 0.2, 0.4, 1.2, 0.6; 2-3: 1.0; 4-5: 0.8
+    assert {k: v["tokens"] for k, v in summary["by_position"].items()} == {0: 4, 2: 1, 4: 1}
+    assert summary["by_position"][0]["mean_temperature"] == pytest.approx(0.6)

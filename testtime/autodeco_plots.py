@@ -9,9 +9,13 @@ Each figure says one thing:
   interquartile range of each value in bins of token entropy that hold equally many tokens.
 - `over_steps.png`: how the per-token means moved during training, one panel per unit
   (temperatures, top-p mass, entropy in nats, the fraction whose label min-p keeps).
+- `temperature_by_token.png` (test): where AutoDeco departs from a static setting: the T the
+  heads chose for each generated token, by token type (`token_types`) and by position.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -131,3 +135,84 @@ def over_steps(records: list[dict]):
         ax.legend(fontsize=7)
     fig.suptitle("per-token diagnostics over training")
     return fig
+
+
+TOKEN_TYPES = ("number", "final answer", "operator", "word", "punctuation", "end")
+_ANSWER_CUE = re.compile(r"answer\s*(is|:)?\s*$", re.IGNORECASE)
+
+
+def token_types(texts: list[str], end_texts=()) -> list[str]:
+    """The type of each generated token of one completion, from its decoded text: "end" (an EOS
+    text, one of `end_texts`), "final answer" (the digits after "answer is" or "answer:"), "number" (other
+    digits), "operator" (+ - * / x =), "word" (letters) or "punctuation" (the rest: ". , \\n" ...)."""
+    types, text, in_answer = [], "", False
+    for piece in texts:
+        stripped = piece.strip()
+        if piece in end_texts:
+            kind = "end"
+        elif stripped and all(c.isdigit() or c in "-," for c in stripped) and any(c.isdigit() for c in stripped):
+            in_answer = in_answer or bool(_ANSWER_CUE.search(text))
+            kind = "final answer" if in_answer else "number"
+        elif stripped and all(c in "+-*/x=×÷" for c in stripped):
+            kind = "operator"
+        elif any(c.isalpha() for c in stripped):
+            kind = "word"
+        else:
+            kind = "punctuation"
+        if kind != "final answer":
+            in_answer = False
+        types.append(kind)
+        text += piece
+    return types
+
+
+def _mean_se(v: np.ndarray) -> tuple[float, float]:
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+def temperature_by_token(points: dict[str, np.ndarray], static: dict[str, float] | None = None,
+                         position_bin: int = 4, min_tokens: int = 5):
+    """(figure, summary) of the heads' T (and P, where there is a top-p head) per generated token:
+    mean +- standard error by token type (`points["type"]`, see `token_types`) and by position in
+    the completion (`points["position"]`, bins of `position_bin` tokens); `static` draws reference
+    lines ({label: temperature}, e.g. the best static setting). Types or bins with fewer than
+    `min_tokens` tokens are left out of the figure (their counts stay in the summary)."""
+    t, kinds, pos = points["temperature"], np.asarray(points["type"]), np.asarray(points["position"])
+    summary = {"tokens": int(len(t)), "by_type": {}, "by_position": {}}
+    for kind in TOKEN_TYPES:
+        sel = kinds == kind
+        if sel.any():
+            mean, se = _mean_se(t[sel])
+            summary["by_type"][kind] = {"tokens": int(sel.sum()), "mean_temperature": mean, "se": se}
+            if "top_p" in points:
+                summary["by_type"][kind]["mean_top_p"] = float(points["top_p"][sel].mean())
+    bins = pos // position_bin
+    for b in np.unique(bins):
+        sel = bins == b
+        mean, se = _mean_se(t[sel])
+        summary["by_position"][int(b * position_bin)] = {"tokens": int(sel.sum()), "mean_temperature": mean, "se": se}
+    if not len(t):
+        return None, summary
+    fig, (ax_type, ax_pos) = new_figure(2)
+    shown = [k for k, v in summary["by_type"].items() if v["tokens"] >= min_tokens]
+    ax_type.bar(range(len(shown)), [summary["by_type"][k]["mean_temperature"] for k in shown],
+                yerr=[summary["by_type"][k]["se"] for k in shown], capsize=3, color="tab:blue")
+    ax_type.set_xticks(range(len(shown)), [f"{k}\n({summary['by_type'][k]['tokens']})" for k in shown], fontsize=7)
+    ax_type.set_ylabel(UNITS["temperature"])
+    ax_type.set_title("predicted T by token type (mean +- s.e.; token counts)")
+    starts = [s for s, v in summary["by_position"].items() if v["tokens"] >= min_tokens]
+    means = np.array([summary["by_position"][s]["mean_temperature"] for s in starts])
+    ses = np.array([summary["by_position"][s]["se"] for s in starts])
+    centers = np.array(starts) + (position_bin - 1) / 2
+    ax_pos.plot(centers, means, "o-", ms=3, color="tab:blue", label="AutoDeco T")
+    ax_pos.fill_between(centers, means - ses, means + ses, color="tab:blue", alpha=0.2)
+    ax_pos.set_xlabel(f"position of the generated token (bins of {position_bin})")
+    ax_pos.set_ylabel(UNITS["temperature"])
+    ax_pos.set_title("predicted T over the completion")
+    for (label, value), color in zip((static or {}).items(), ("tab:red", "tab:green", "tab:gray")):
+        for ax in (ax_type, ax_pos):
+            ax.axhline(value, color=color, ls="--", lw=1, label=f"{label} T={value:.2f}")
+    for ax in (ax_type, ax_pos):
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    return fig, summary
