@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 
@@ -35,7 +34,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning_modules.base import TesttimeModule
 from testtime.errors import UsageError
 from testtime.io import new_figure
-from testtime.loading import load_tokenizer, resolve
+from testtime.loading import folder_model_type, load_tokenizer, resolve
 from testtime.ttt import TTTConfig, TTTForCausalLM
 from testtime.ttt.evaluation import bucket_name, bucket_sums, position_buckets, token_losses
 
@@ -124,10 +123,7 @@ class TTTModule(TesttimeModule):
             return
         folder = resolve(self.model_name_or_path)
         self.tokenizer = load_tokenizer(folder)
-        config_file = os.path.join(folder, "config.json")
-        with open(config_file) as f:
-            is_ttt = json.load(f).get("model_type") == TTTConfig.model_type
-        if is_ttt:  # an export of this module: its weights, with the settings given here on top
+        if folder_model_type(folder) == TTTConfig.model_type:  # an export of this module: its weights, with the settings given here on top
             self.model = TTTForCausalLM.from_pretrained(folder, dtype=torch.float32, **self.ttt_overrides())
         else:  # a new model of the preset's size over the tokenizer's vocabulary
             tok = self.tokenizer
