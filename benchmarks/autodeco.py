@@ -199,13 +199,15 @@ def bench_train(name, llm, args, device, results):
                 "temp_only": (True, False, 256, False), "top_p_only": (False, True, 256, False),
                 "both_compiled": (True, True, 256, True), "temp_only_compiled": (True, False, 256, True)}
     for variant, (temp, top_p, top_k, compiled) in variants.items():
+        if variant not in args.variants:
+            continue
         torch.manual_seed(0)  # the same initial heads for every variant
         model = ad.AutoDecoModel(llm, enable_temperature_head=temp, enable_top_p_head=top_p).to(device)
         if model.top_p_head is not None:
             model.top_p_head.compiled = compiled
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=5e-6)
-        if variant == "both":  # how many tokens needed the full sort (at the heads' initial T, P)
+        if temp and top_p and top_k is not None and "full_sort_fraction" not in row:  # tokens needing the full sort (at the heads' initial T, P)
             with torch.no_grad():
                 out = model(input_ids=ids, attention_mask=mask)
                 z, t, p, y = ad.shift_for_next_token(out.logits, out.temperature, out.top_p, labels)
@@ -238,6 +240,17 @@ def bench_train(name, llm, args, device, results):
             opt.zero_grad(set_to_none=True)
 
         row[f"{variant}_step_ms"] = median_time(step, args.train_iters)
+        if variant in args.profile:  # where the step's GPU time goes, kernel by kernel
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    step()
+                sync(device)
+            table = prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda"
+                                              else "self_cpu_time_total", row_limit=30, max_name_column_width=70)
+            log(f"  profile {name} {variant} (3 steps):\n{table}")
+            row[f"{variant}_profile"] = table
         row[f"{variant}_ratio"] = row[f"{variant}_step_ms"] / row["base_forward_ms"]
         # breakdown with a sync between phases (sums slightly above the step)
         phases = {"forward_base_and_heads": [], "heads_only": [], "losses": [], "backward_and_adamw": []}
@@ -307,12 +320,10 @@ def markdown(results) -> str:
                   "(ratio) | temp only | top-p only | both, compiled | temp only, compiled | tokens fully sorted | "
                   "mean entropy |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in results["train"]:
-            lines.append(f"| {r['model']} | {r['batch']}x{r['seq_len']} | {r['base_forward_ms']:.1f} | "
-                         f"{r['both_step_ms']:.1f} ({r['both_ratio']:.2f}x) | {r['both_full_sort_step_ms']:.1f} "
-                         f"({r['both_full_sort_ratio']:.2f}x) | {r['temp_only_step_ms']:.1f} "
-                         f"({r['temp_only_ratio']:.2f}x) | {r['top_p_only_step_ms']:.1f} "
-                         f"({r['top_p_only_ratio']:.2f}x) | {cell(r, 'both_compiled')} | {cell(r, 'temp_only_compiled')} | "
-                         f"{r['full_sort_fraction']:.1%} | {r['mean_entropy']:.2f} |")
+            cells = " | ".join(cell(r, v) for v in TRAIN_VARIANTS)
+            extra = (f"{r['full_sort_fraction']:.1%} | {r['mean_entropy']:.2f}" if "full_sort_fraction" in r
+                     else "- | -")
+            lines.append(f"| {r['model']} | {r['batch']}x{r['seq_len']} | {r['base_forward_ms']:.1f} | {cells} | {extra} |")
         lines += ["", "| model | variant | forward (base + heads) | heads alone | losses | backward + AdamW |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for r in results["train"]:
@@ -376,6 +387,8 @@ def main(argv=None):
                    help="the training benchmark's final-norm weight (20: a trained LM's ~1-nat entropy)")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--variants", default=",".join(TRAIN_VARIANTS), help="training variants to time")
+    p.add_argument("--profile", default="", help="comma list of training variants to profile (3 steps, top kernels)")
     p.add_argument("--out", default="runs/bench/autodeco.json")
     args = p.parse_args(argv)
     if args.tiny:
@@ -386,6 +399,8 @@ def main(argv=None):
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.paths = args.paths.split(",")
     args.methods = args.methods.split(",")
+    args.profile = [v for v in args.profile.split(",") if v]
+    args.variants = args.variants.split(",")
     # plain and autodeco graphs x batch sizes x models share one compiled __call__: room for all
     raise_recompile_limits()
     results = {
