@@ -92,7 +92,7 @@ def speed(args, device, dtype) -> dict:
     out = {"preset": preset, "prefill": [], "decoding": [], "training": []}
     for kind in ("ttt_e2e", "full"):
         model = build(preset, kind, device, dtype, vocab_size=vocab).eval()
-        for length in lengths:
+        for length in ([] if args.decode_only else lengths):
             ids = torch.randint(0, vocab, (1, length), device=device)
             with torch.no_grad():
                 model(ids[:, : min(length, 4096)])  # warm-up: kernels, allocator
@@ -107,25 +107,32 @@ def speed(args, device, dtype) -> dict:
             dump(out, args.json_speed)
         for context in ([64, 128] if args.tiny else [2048, 32768]):
             ids = torch.randint(0, vocab, (1, context), device=device)
-            steps = 16 if args.tiny else 256
+            # a chunk's worth of tokens and a few more, so the run crosses a chunk boundary: the
+            # TTT model's inner-loop update (once per chunk) is in the mean, and its step is the max
+            steps = model.config.chunk_size + 8 if kind == "ttt_e2e" else 256
             with torch.no_grad():
                 state = model(ids, use_cache=True)
                 token = state.logits[:, -1:].argmax(-1)
                 cache = state.cache
                 for _ in range(8):  # warm-up
                     token = model(token, cache=cache).logits[:, -1:].argmax(-1)
-                sync(device)
-                start = time.perf_counter()
+                step_ms = []
                 for _ in range(steps):
+                    sync(device)
+                    start = time.perf_counter()
                     token = model(token, cache=cache).logits[:, -1:].argmax(-1)
-                sync(device)
-            ms = 1e3 * (time.perf_counter() - start) / steps
-            out["decoding"].append({"model": kind, "context": context, "new_tokens": steps, "ms_per_token": ms})
-            log(f"decode  {kind:8s} after {context:6d}: {ms:.2f} ms/token")
+                    sync(device)
+                    step_ms.append(1e3 * (time.perf_counter() - start))
+            ms = sum(step_ms) / steps
+            median = sorted(step_ms)[steps // 2]
+            out["decoding"].append({"model": kind, "context": context, "new_tokens": steps, "ms_per_token": ms,
+                                    "median_ms": median, "max_ms": max(step_ms)})
+            log(f"decode  {kind:8s} after {context:6d}: {ms:.2f} ms/token over {steps} tokens "
+                f"(median {median:.2f}, slowest {max(step_ms):.1f})")
             dump(out, args.json_speed)
         model = None
     train_len = 128 if args.tiny else 8192
-    for first_order in (False, True):
+    for first_order in (() if args.decode_only else (False, True)):
         model = build(preset, "ttt_e2e", device, torch.float32, vocab_size=vocab, first_order=first_order).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ids = torch.randint(0, vocab, (1, train_len), device=device)
@@ -154,18 +161,21 @@ def speed(args, device, dtype) -> dict:
 def speed_tables(out: dict) -> str:
     by = {(r["model"], r["tokens"]): r for r in out["prefill"]}
     lengths = sorted({r["tokens"] for r in out["prefill"]})
-    lines = ["| prefill tokens | TTT-E2E tok/s | full attention tok/s | TTT-E2E / full speed-up | "
-             f"TTT-E2E us/token vs {lengths[0]} | peak GiB TTT / full |", "|---:|---:|---:|---:|---:|---:|"]
-    first = by[("ttt_e2e", lengths[0])]["us_per_token"]
-    for n in lengths:
-        t, f = by.get(("ttt_e2e", n)), by.get(("full", n))
-        if not t or not f:
-            continue
-        lines.append(f"| {n} | {t['tokens_per_s']:.0f} | {f['tokens_per_s']:.0f} | "
-                     f"{f['seconds'] / t['seconds']:.2f}x | {t['us_per_token'] / first:.2f}x | "
-                     f"{t['peak_gib']} / {f['peak_gib']} |")
-    lines += ["", "| decoding | context | ms / token |", "|---|---:|---:|"]
-    lines += [f"| {r['model']} | {r['context']} | {r['ms_per_token']:.2f} |" for r in out["decoding"]]
+    lines = []
+    if lengths:
+        lines = ["| prefill tokens | TTT-E2E tok/s | full attention tok/s | TTT-E2E / full speed-up | "
+                 f"TTT-E2E us/token vs {lengths[0]} | peak GiB TTT / full |", "|---:|---:|---:|---:|---:|---:|"]
+        first = by[("ttt_e2e", lengths[0])]["us_per_token"]
+        for n in lengths:
+            t, f = by.get(("ttt_e2e", n)), by.get(("full", n))
+            if not t or not f:
+                continue
+            lines.append(f"| {n} | {t['tokens_per_s']:.0f} | {f['tokens_per_s']:.0f} | "
+                         f"{f['seconds'] / t['seconds']:.2f}x | {t['us_per_token'] / first:.2f}x | "
+                         f"{t['peak_gib']} / {f['peak_gib']} |")
+    lines += ["", "| decoding | context | tokens | ms / token (mean) | median | slowest |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['context']} | {r['new_tokens']} | {r['ms_per_token']:.2f} | "
+              f"{r.get('median_ms', float('nan')):.2f} | {r.get('max_ms', float('nan')):.1f} |" for r in out["decoding"]]
     lines += ["", "| meta-gradient | tokens | s / step | tokens / s | peak GiB |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['order']} order | {r['tokens']} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_gib']} |"
               for r in out["training"]]
@@ -371,6 +381,7 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=None)
     parser.add_argument("--memory-docs", type=int, default=None)
     parser.add_argument("--adapter-steps", type=int, default=None, help="TinyLoRA steps before its memory test")
+    parser.add_argument("--decode-only", action="store_true", help="speed: only the decoding rows")
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"quality: the models to train and evaluate, a comma list of {', '.join(MODELS)}")
     parser.add_argument("--out", default="ttt", help="prefix of the files written")
