@@ -207,7 +207,8 @@ def bench_train(name, llm, args, device, results):
             model.top_p_head.compiled = compiled
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=5e-6)
-        if temp and top_p and top_k is not None and "full_sort_fraction" not in row:  # tokens needing the full sort (at the heads' initial T, P)
+        # the tokens that need the full sort, at the heads' initial T and P
+        if temp and top_p and top_k is not None and "full_sort_fraction" not in row:
             with torch.no_grad():
                 out = model(input_ids=ids, attention_mask=mask)
                 z, t, p, y = ad.shift_for_next_token(out.logits, out.temperature, out.top_p, labels)
@@ -218,18 +219,28 @@ def bench_train(name, llm, args, device, results):
                 row["full_sort_fraction"] = float(fallback.float().mean())
                 row["mean_entropy"] = float(-(torch.softmax(z[sel].float(), -1) *
                                               torch.log_softmax(z[sel].float(), -1)).sum(-1).mean())
-                del out, probs
+                del out, probs, weight, z
         if compiled:  # the compiled loss against the eager one, same heads and batch, before any step
             with torch.no_grad():
+                # labels drawn from the model's own next-token distribution: on the random tokens the
+                # loss is ~0 (it weighs each token by the base probability of its label)
+                out = model(input_ids=ids, attention_mask=mask)
+                drawn = torch.distributions.Categorical(logits=out.logits[:, :-1].float()).sample()
+                own = torch.cat([labels[:, :1], drawn], dim=1).masked_fill(labels == -100, -100)
                 values = []
                 for c in (False, True):
                     if model.top_p_head is not None:
                         model.top_p_head.compiled = c
                     out = model(input_ids=ids, attention_mask=mask)
-                    values.append(ad.training_losses(out, labels, generator=torch.Generator(device).manual_seed(0),
+                    values.append(ad.training_losses(out, own, generator=torch.Generator(device).manual_seed(0),
                                                      top_k=top_k, compiled=c)["loss"].item())
                 row[f"{variant}_loss_abs_diff"] = abs(values[1] - values[0])
+                row[f"{variant}_loss_rel_diff"] = abs(values[1] - values[0]) / max(abs(values[0]), 1e-30)
+                row[f"{variant}_loss"] = values[0]
                 del out
+        if device.type == "cuda":  # the peak of this variant's steps alone, not of the probes above
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
 
         def step():
             out = model(input_ids=ids, attention_mask=mask)
@@ -323,7 +334,8 @@ def markdown(results) -> str:
             cells = " | ".join(cell(r, v) for v in TRAIN_VARIANTS)
             extra = (f"{r['full_sort_fraction']:.1%} | {r['mean_entropy']:.2f}" if "full_sort_fraction" in r
                      else "- | -")
-            lines.append(f"| {r['model']} | {r['batch']}x{r['seq_len']} | {r['base_forward_ms']:.1f} | {cells} | {extra} |")
+            lines.append(f"| {r['model']} | {r['batch']}x{r['seq_len']} | {r['base_forward_ms']:.1f} | {cells} | "
+                         f"{extra} |")
         lines += ["", "| model | variant | forward (base + heads) | heads alone | losses | backward + AdamW |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for r in results["train"]:

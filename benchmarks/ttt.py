@@ -109,7 +109,11 @@ def speed(args, device, dtype) -> dict:
             ids = torch.randint(0, vocab, (1, context), device=device)
             # a chunk's worth of tokens and a few more, so the run crosses a chunk boundary: the
             # TTT model's inner-loop update (once per chunk) is in the mean, and its step is the max
-            steps = model.config.chunk_size + 8 if kind == "ttt_e2e" else 256
+            chunk = model.config.chunk_size
+            steps = chunk + 8 if kind == "ttt_e2e" else (16 if args.tiny else 256)
+            # the step that runs the update: the one at the first position of a new chunk (the
+            # token there is the last label of the chunk before; prompt and warm-up tokens counted)
+            boundary = (-(context + 8)) % chunk if kind == "ttt_e2e" else None
             with torch.no_grad():
                 state = model(ids, use_cache=True)
                 token = state.logits[:, -1:].argmax(-1)
@@ -125,10 +129,12 @@ def speed(args, device, dtype) -> dict:
                     step_ms.append(1e3 * (time.perf_counter() - start))
             ms = sum(step_ms) / steps
             median = sorted(step_ms)[steps // 2]
+            boundary_ms = step_ms[boundary] if boundary is not None else None
             out["decoding"].append({"model": kind, "context": context, "new_tokens": steps, "ms_per_token": ms,
-                                    "median_ms": median, "max_ms": max(step_ms)})
+                                    "median_ms": median, "max_ms": max(step_ms), "boundary_ms": boundary_ms})
             log(f"decode  {kind:8s} after {context:6d}: {ms:.2f} ms/token over {steps} tokens "
-                f"(median {median:.2f}, slowest {max(step_ms):.1f})")
+                f"(median {median:.2f}, slowest {max(step_ms):.1f}, the update step "
+                f"{'-' if boundary_ms is None else f'{boundary_ms:.1f}'})")
             dump(out, args.json_speed)
         model = None
     train_len = 128 if args.tiny else 8192
@@ -173,9 +179,11 @@ def speed_tables(out: dict) -> str:
             lines.append(f"| {n} | {t['tokens_per_s']:.0f} | {f['tokens_per_s']:.0f} | "
                          f"{f['seconds'] / t['seconds']:.2f}x | {t['us_per_token'] / first:.2f}x | "
                          f"{t['peak_gib']} / {f['peak_gib']} |")
-    lines += ["", "| decoding | context | tokens | ms / token (mean) | median | slowest |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| decoding | context | tokens | ms / token (mean) | median | slowest | the update step |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['context']} | {r['new_tokens']} | {r['ms_per_token']:.2f} | "
-              f"{r.get('median_ms', float('nan')):.2f} | {r.get('max_ms', float('nan')):.1f} |" for r in out["decoding"]]
+              f"{r.get('median_ms', float('nan')):.2f} | {r.get('max_ms', float('nan')):.1f} | "
+              f"{'-' if r.get('boundary_ms') is None else format(r['boundary_ms'], '.1f')} |" for r in out["decoding"]]
     lines += ["", "| meta-gradient | tokens | s / step | tokens / s | peak GiB |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['order']} order | {r['tokens']} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_gib']} |"
               for r in out["training"]]

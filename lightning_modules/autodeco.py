@@ -70,8 +70,9 @@ class AutoDecoModule(TesttimeModule):
         eval_num_samples: k samples per problem for every sampled setting (pass@1 over k).
         eval_seed: seed of evaluation sampling.
         compile_losses: run the per-token computations over the vocabulary (the top-p head's
-            features, both losses) through torch.compile: on a GPU they are most of a step's cost
-            over the frozen forward (`benchmarks/RESULTS.md`); the first steps compile.
+            features, also at generation, the legacy temperature CE and the soft top-p loss; not the
+            hinge objective) through torch.compile: on a GPU they are most of a step's cost over
+            the frozen forward (`benchmarks/RESULTS.md`); the first steps compile.
     """
 
     def __init__(
@@ -232,7 +233,7 @@ class AutoDecoModule(TesttimeModule):
                 self._prediction_sums += torch.tensor([
                     float((out.temperature * used).sum()), float((out.top_p * used).sum()), float(used.sum())],
                     dtype=torch.float64)
-                if self._test_tokens is not None:  # test: every token's T and P, for temperature_by_token.png
+                if self._test_tokens is not None and self.trainer.testing:  # per token, for temperature_by_token.png
                     self._test_tokens.append((new.cpu(), used.bool().cpu(), out.temperature.float().cpu(),
                                               out.top_p.float().cpu()))
             return out.sequences
@@ -276,6 +277,7 @@ class AutoDecoModule(TesttimeModule):
         self.evaluate_batch(batch, batch_idx, "test")
 
     def on_validation_epoch_start(self) -> None:
+        self._test_tokens = None  # per-token recording is for the test epoch only
         # `validate` scores the whole static grid too; validation inside `fit` keeps to the cheap settings.
         self._with_grid = self.trainer.state.fn == TrainerFn.VALIDATING
         self._prediction_sums.zero_()
@@ -301,6 +303,7 @@ class AutoDecoModule(TesttimeModule):
 
     def on_test_start(self) -> None:
         """Choose the static baselines on the validation split, never on the test problems."""
+        self._test_tokens = None  # a failed earlier test may have left its recording behind
         datamodule = self.trainer.datamodule
         problems = getattr(datamodule, "problems", {}).get("validation")
         if not problems:
@@ -323,20 +326,27 @@ class AutoDecoModule(TesttimeModule):
     def on_test_epoch_start(self) -> None:
         self._test_tokens = []
 
-    def _token_points(self) -> dict:
-        """Every token AutoDeco generated on the test problems (all ranks): T, P, position, type."""
-        rows = self._test_tokens or []
-        self._test_tokens = None
+    def _token_points(self) -> dict | None:
+        """Every token AutoDeco generated on the test problems, gathered on global rank 0 (None on
+        the others): T, P, position in the completion and type (`token_types`)."""
+        rows, self._test_tokens = self._test_tokens or [], None
         if self.trainer.world_size > 1:  # a collective: every rank takes part
-            gathered = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        end_texts = {self.tokenizer.decode([i]) for i in eos_token_ids(self.generation_model(), self.tokenizer)}
+            gathered = [None] * self.trainer.world_size if self.trainer.is_global_zero else None
+            torch.distributed.gather_object(rows, gathered, dst=0)
+            rows = [r for part in gathered for r in part] if gathered is not None else None
+        if not self.trainer.is_global_zero:
+            return None
+        eos = set(eos_token_ids(self.generation_model(), self.tokenizer))
+        texts = {}  # token id -> decoded text ("<end>" for an EOS id)
         points = {"temperature": [], "top_p": [], "position": [], "type": []}
         for ids, used, temperature, top_p in rows:
             for b in range(ids.shape[0]):
                 n = int(used[b].sum())  # the used tokens are a prefix: up to and with the EOS
-                points["type"] += token_types([self.tokenizer.decode([i]) for i in ids[b, :n].tolist()], end_texts)
+                row = ids[b, :n].tolist()
+                for i in row:
+                    if i not in texts:
+                        texts[i] = "<end>" if i in eos else self.tokenizer.decode([i])
+                points["type"] += token_types([texts[i] for i in row], end_texts={"<end>"})
                 points["temperature"] += temperature[b, :n].tolist()
                 points["top_p"] += top_p[b, :n].tolist()
                 points["position"] += list(range(n))
@@ -355,7 +365,7 @@ class AutoDecoModule(TesttimeModule):
             static[f"best static ({self.best_static.name})"] = self.best_static.temperature
         if self.mean_prediction is not None:
             static["heads' mean"] = self.mean_prediction[0]
-        by_token_figure, by_token = temperature_by_token(points, static)
+        by_token_figure, by_token = temperature_by_token(points, static) if points is not None else (None, None)
         self.write_results(
             "test", {k.removeprefix("test/acc_"): v for k, v in results.items()}, n_problems=n,
             title=f"AutoDeco evaluation, {n} test problems, k={self.eval_num_samples} samples per sampled setting:",

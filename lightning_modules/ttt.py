@@ -123,7 +123,8 @@ class TTTModule(TesttimeModule):
             return
         folder = resolve(self.model_name_or_path)
         self.tokenizer = load_tokenizer(folder)
-        if folder_model_type(folder) == TTTConfig.model_type:  # an export of this module: its weights, with the settings given here on top
+        # an export of this module: its weights, with the settings given here on top
+        if folder_model_type(folder) == TTTConfig.model_type:
             self.model = TTTForCausalLM.from_pretrained(folder, dtype=torch.float32, **self.ttt_overrides())
         else:  # a new model of the preset's size over the tokenizer's vocabulary
             tok = self.tokenizer

@@ -218,7 +218,8 @@ def test_test_writes_the_temperature_of_every_generated_token(tiny_model_dir, mo
 
     def recording(model, heads, input_ids, *args, **kwargs):
         out = real(model, heads, input_ids, *args, **kwargs)
-        if module._test_tokens is not None:  # the test epoch, not the validation pass before it
+        # the test epoch, not the validation pass before it (only the count below tells them apart)
+        if module._test_tokens is not None:
             test_outputs.append((out.sequences[:, input_ids.shape[1]:], out.temperature))
         return out
 

@@ -138,13 +138,15 @@ def over_steps(records: list[dict]):
 
 
 TOKEN_TYPES = ("number", "final answer", "operator", "word", "punctuation", "end")
-_ANSWER_CUE = re.compile(r"answer\s*(is|:)?\s*$", re.IGNORECASE)
+_ANSWER_CUE = re.compile(r"\banswer\s*(is|:)?\s*$", re.IGNORECASE)
 
 
 def token_types(texts: list[str], end_texts=()) -> list[str]:
     """The type of each generated token of one completion, from its decoded text: "end" (an EOS
     text, one of `end_texts`), "final answer" (the digits after "answer is" or "answer:"), "number" (other
-    digits), "operator" (+ - * / x =), "word" (letters) or "punctuation" (the rest: ". , \\n" ...)."""
+    digits), "operator" (+ - * / x =), "word" (letters) or "punctuation" (the rest: ". , \\n" ...).
+    Made for the project's solutions ("... The answer is 42."): other answer formats ("#### 42",
+    "$42") and decimals after their point come out as "number" or "punctuation"."""
     types, text, in_answer = [], "", False
     for piece in texts:
         stripped = piece.strip()
