@@ -166,7 +166,7 @@ def learn_l0_gates(model, batches, fraction, args) -> tuple[torch.Tensor, torch.
     finally:
         gates.detach()
     info = {"expected_active": float(hc.expected_l0().detach()) / hc.log_alpha.numel(),
-            "closed_gates": int((values == 0).sum()), "last_nll": float(nll)}
+            "closed_gates": int((values == 0).sum()), "last_nll": float(nll.detach())}
     return keep, values, info
 
 
