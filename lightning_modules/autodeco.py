@@ -277,7 +277,6 @@ class AutoDecoModule(TesttimeModule):
         self.evaluate_batch(batch, batch_idx, "test")
 
     def on_validation_epoch_start(self) -> None:
-        self._test_tokens = None  # per-token recording is for the test epoch only
         # `validate` scores the whole static grid too; validation inside `fit` keeps to the cheap settings.
         self._with_grid = self.trainer.state.fn == TrainerFn.VALIDATING
         self._prediction_sums.zero_()

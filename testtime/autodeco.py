@@ -434,7 +434,7 @@ def soft_top_p_loss(logits, temperature, top_p, labels, steepness: float = 30.0,
         tolerance = tolerance / weight.clamp_min(1e-12)
         with torch.no_grad():
             todo = (~(error <= tolerance * normalizer.clamp_min(1e-30))).nonzero().squeeze(-1)
-        if len(todo):  # a tail too heavy to bound: 8 x top_k tokens, then the full sort
+        if len(todo):  # a tail too heavy to bound: the normalizer's own rounds (top_k again, 8 x, full sort)
             p_rows = torch.softmax(_f32(z[todo]) / t[todo, None], dim=-1)
             exact, _ = soft_top_p_normalizer(p_rows, p_top[todo], steepness, k, tolerance[todo])
             normalizer = normalizer.index_put((todo,), exact)
