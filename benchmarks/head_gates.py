@@ -107,25 +107,52 @@ def batches_of(ids: torch.Tensor, batch_size: int) -> list[dict]:
     return [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b} for b in ids.split(batch_size)]
 
 
-def load_data(args, model_name: str):
-    """(score batches, training blocks for gates and recovery, held-out eval batches)."""
-    from datamodules.lm_text import LMTextDataModule
+def load_data(args, model_name: str, device):
+    """(score batches, training blocks for gates and recovery, held-out eval batches), on `device`.
 
-    dm = LMTextDataModule(model_name, source="stdlib", block_size=args.block_size, batch_size=args.batch_size,
-                          max_files=args.max_files)
-    dm.setup("fit")
-    train, test = dm.datasets["train"], dm.datasets["test"]
-    need = args.score_blocks + (args.gate_steps + args.recovery_steps) * args.batch_size
-    if len(train) < need:
-        raise SystemExit(f"the training split has {len(train)} blocks; the settings need {need}")
-    if len(test) < args.eval_blocks:
-        raise SystemExit(f"the test split has {len(test)} blocks, fewer than --eval-blocks {args.eval_blocks}")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-    score = blocks_of(train, order[:args.score_blocks])
-    rest = blocks_of(train, order[args.score_blocks:need])
-    held_out = blocks_of(test, torch.linspace(0, len(test) - 1, args.eval_blocks).round().long())
-    log(f"data: {len(train)} train / {len(test)} test blocks of {args.block_size}; scoring {len(score)}, "
-        f"eval {len(held_out)} ({held_out.numel()} tokens)")
+    With --blocks FILE: read the three tensors from FILE when it exists (so a machine without this
+    Python's standard library, the GPU machine, measures the same tokens), else build them from
+    the stdlib and write them there. The file records the settings it was cut with; a mismatch
+    is an error naming the setting.
+    """
+    settings = {"model": model_name, "block_size": args.block_size, "max_files": args.max_files,
+                "seed": args.seed, "score_blocks": args.score_blocks, "eval_blocks": args.eval_blocks,
+                "need": args.score_blocks + (args.gate_steps + args.recovery_steps) * args.batch_size}
+    blocks = Path(args.blocks) if args.blocks else None
+    if blocks is not None and blocks.is_file():
+        saved = torch.load(blocks)
+        for key, value in settings.items():
+            if saved["settings"].get(key) != value:
+                raise SystemExit(f"{blocks}: cut with {key}={saved['settings'].get(key)!r}, this run has "
+                                 f"{key}={value!r}; pass the same settings or another --blocks file")
+        score, rest, held_out = saved["score"], saved["rest"], saved["held_out"]
+        log(f"data: {blocks} ({saved['source']}); scoring {len(score)}, eval {len(held_out)} "
+            f"({held_out.numel()} tokens)")
+    else:
+        from datamodules.lm_text import LMTextDataModule
+
+        dm = LMTextDataModule(model_name, source="stdlib", block_size=args.block_size, batch_size=args.batch_size,
+                              max_files=args.max_files)
+        dm.setup("fit")
+        train, test = dm.datasets["train"], dm.datasets["test"]
+        need = settings["need"]
+        if len(train) < need:
+            raise SystemExit(f"the training split has {len(train)} blocks; the settings need {need}")
+        if len(test) < args.eval_blocks:
+            raise SystemExit(f"the test split has {len(test)} blocks, fewer than --eval-blocks {args.eval_blocks}")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+        score = blocks_of(train, order[:args.score_blocks])
+        rest = blocks_of(train, order[args.score_blocks:need])
+        held_out = blocks_of(test, torch.linspace(0, len(test) - 1, args.eval_blocks).round().long())
+        source = f"stdlib of Python {sys.version.split()[0]}: {len(train)} train / {len(test)} test blocks"
+        log(f"data: {source} of {args.block_size}; scoring {len(score)}, eval {len(held_out)} "
+            f"({held_out.numel()} tokens)")
+        if blocks is not None:
+            blocks.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"settings": settings, "source": source, "score": score, "rest": rest,
+                        "held_out": held_out}, blocks)
+            log(f"wrote the blocks to {blocks}")
+    score, rest, held_out = score.to(device), rest.to(device), held_out.to(device)
     return batches_of(score, args.batch_size), rest, batches_of(held_out, args.batch_size)
 
 
@@ -174,6 +201,7 @@ def recover(model, heads_zeroed: int, batches, args):
     """LoRA on the pruned model, --recovery-steps AdamW steps; returns the PEFT model."""
     from testtime.heads import attach_lora
 
+    torch.manual_seed(args.seed)  # LoRA's init: the same for every row, whatever ran before it in this process
     peft_model = attach_lora(model, heads_zeroed, r=args.lora_r, alpha=2.0 * args.lora_r)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lora_lr, weight_decay=0.0)
@@ -190,20 +218,26 @@ def run_ppl(args) -> None:
     from testtime.loading import load_model_and_tokenizer
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "ppl.json"
-    base, _ = load_model_and_tokenizer(args.model)
+    if args.only_blocks:
+        if not args.blocks:
+            raise SystemExit("--only-blocks needs --blocks FILE")
+        load_data(args, args.model, torch.device("cpu"))
+        return
+    base, _ = load_model_and_tokenizer(args.model, device=device)
     base.requires_grad_(False).eval()
     layout = head_layout(base)
     total_heads = layout.num_layers * layout.num_heads
-    results = {**environment(args, torch.device("cpu"), torch.float32), "model": args.model,
+    results = {**environment(args, device, torch.float32), "model": args.model,
                "heads": {"layers": layout.num_layers, "heads": layout.num_heads, "kv_heads": layout.num_kv_heads},
                "rows": []}
     if args.resume and path.is_file():
         results["rows"] = json.loads(path.read_text())["rows"]
     done = {(r["method"], r["fraction"]) for r in results["rows"]}
-    score_batches, train_blocks, eval_batches = load_data(args, args.model)
+    score_batches, train_blocks, eval_batches = load_data(args, args.model, device)
     recovery = training_batches(train_blocks, args.batch_size, args.gate_steps, args.recovery_steps)
     gate_batches = training_batches(train_blocks, args.batch_size, 0, args.gate_steps)
 
@@ -215,7 +249,8 @@ def run_ppl(args) -> None:
         row = {"method": method, "fraction": fraction, "pruned": report["heads_pruned"],
                "pruned_fraction": report["heads_pruned"] / total_heads, "removed": report["heads_removed"],
                "zeroed": report["heads_zeroed"], "ppl_before": before, "ppl_after": after,
-               "plan_s": seconds, "measure_s": time.perf_counter() - t, **(extra or {})}
+               "plan_s": seconds, "measure_s": time.perf_counter() - t, "device": results["device"],
+               **(extra or {})}
         results["rows"].append(row)
         dump(results, path)
         log(f"  {method} {fraction:.2f}: pruned {row['pruned']}/{total_heads}, ppl {before:.3f} -> {after:.3f} "
@@ -473,6 +508,10 @@ def main(argv=None) -> None:
     ppl.add_argument("--lora-lr", type=float, default=2e-4)
     ppl.add_argument("--seed", type=int, default=0)
     ppl.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ppl.add_argument("--device", default="cpu", help="cpu, or cuda (float32 either way)")
+    ppl.add_argument("--blocks", default=None,
+                     help="token blocks file: read when it exists, else cut from the stdlib and written there")
+    ppl.add_argument("--only-blocks", action="store_true", help="write the --blocks file and stop")
     ppl.add_argument("--resume", action="store_true", help="keep the rows of an existing ppl.json, run the rest")
     ppl.add_argument("--out", default="runs/bench/head_gates")
 
