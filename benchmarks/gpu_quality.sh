@@ -8,13 +8,13 @@
 #   device call 1, carry [".whl", ".xfer_a"]:  bash benchmarks/gpu_quality.sh receive
 #   device call 2, carry [".xfer_b"]:          bash benchmarks/gpu_quality.sh launch    # starts every job
 #   device call 3 (and 4), no carry:           bash benchmarks/gpu_quality.sh collect   # waits, returns results
-# A second round with only the large AutoDeco recipes: receive, then `autodeco-large` (carry
-# [".xfer_b"]) in place of launch, then collect.
+# Later rounds: receive, then `autodeco-large` (the large recipes alone) or `autodeco-cool` (the
+# training solutions sampled at T=0.7) in place of launch (carry [".xfer_b"]), then collect.
 # `launch` and `collect` each wait up to WAIT seconds (default 540) for the jobs (started with
 # setsid, they outlive a call while the machine is held) and return what has finished as
 # $OUT/quality.tar.gz, with $OUT/quality.log (every job's state and the tail of its log).
 set -uo pipefail
-part=${1:?usage: gpu_quality.sh prepare|receive|launch|autodeco-large|collect}
+part=${1:?usage: gpu_quality.sh prepare|receive|launch|autodeco-large|autodeco-cool|collect}
 repo=$PWD
 gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
 split_bytes=45000000  # part A beside .whl (16.5 MB), part B beside the blocks: each call under 64 MiB
@@ -89,9 +89,18 @@ autodeco_large() {  # call 2 of a second round: the large recipes alone (their s
   collect
 }
 
+autodeco_cool() {  # a lever: the training solutions sampled at T=0.7 instead of 1 (legacy CE, both sizes)
+  assemble
+  local fit="python3 $repo/cli.py fit" c=$repo/configs/autodeco
+  local common="--data.init_args.n_val=64 --data.init_args.n_test=256 --data.init_args.eval_batch_size=128 --data.init_args.generation_batch_size=256 --data.init_args.sample_temperature=0.7"
+  start ad_d2_main_t07 "$fit --config $c/smollm2.yaml $common"
+  start ad_d2_large_t07 "$fit --config $c/smollm2_large.yaml $common"
+  collect
+}
+
 collect() {  # wait for the jobs (up to WAIT s), then return whatever has finished
   local deadline=$((SECONDS + ${WAIT:-540})) log=$OUT/quality.log
-  while [ $SECONDS -lt $deadline ] && ls "$jobs"/*/log > /dev/null 2>&1 && [ "$(ls "$jobs"/*/rc 2>/dev/null | wc -l)" -lt "$(ls -d "$jobs"/*/ | wc -l)" ]; do
+  while [ $SECONDS -lt $deadline ] && [ "$(ls "$jobs"/*/rc 2>/dev/null | wc -l)" -lt "$(ls -d "$jobs"/*/ 2>/dev/null | wc -l)" ]; do
     sleep 15
   done
   : > "$log"
@@ -118,6 +127,7 @@ case $part in
   receive) receive ;;
   launch) launch ;;
   autodeco-large) autodeco_large ;;
+  autodeco-cool) autodeco_cool ;;
   collect) collect ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
