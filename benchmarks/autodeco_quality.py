@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import finish  # noqa: E402
+from testtime.io import standard_error  # noqa: E402
 
 
 def stats_for(stats: list[dict], data: dict) -> dict | None:
@@ -59,10 +59,6 @@ def collect(root: Path) -> list[dict]:
     return rows
 
 
-def se(p: float, n: int) -> float:
-    return math.sqrt(p * (1 - p) / n)
-
-
 def table(rows: list[dict]) -> str:
     lines = []
     for difficulty in sorted({r["difficulty"] for r in rows}):
@@ -77,7 +73,7 @@ def table(rows: list[dict]) -> str:
         base = ", ".join(f"{name} {res[key]:.3f}" for name, key in (
             ("greedy", "greedy"), ("default sampling", next(k for k in res if k.startswith("sample_T1_p1"))),
             (f"best static on validation ({first['best_static']})", "best_static")))
-        lines += [f"Difficulty {difficulty}, {n} test problems, k = {first['eval_k']} (s.e. ~{se(res['greedy'], n):.3f}): "
+        lines += [f"Difficulty {difficulty}, {n} test problems, k = {first['eval_k']} (s.e. ~{standard_error(res['greedy'], n):.3f}): "
                   f"{base}", "",
                   "| objective | training set: problems x samples at T -> solutions | heads' mean T, P | "
                   "static = mean | AutoDeco | AutoDeco on validation |", "|---|---|---:|---:|---:|---:|"]
@@ -105,7 +101,7 @@ def plot(results: dict, path: Path) -> None:
         n = group[0]["n_test"]
         for shift, key, name in ((-0.2, "autodeco", "AutoDeco"), (0.2, "mean_static", "static = heads' mean")):
             values = [r["results"][key] for r in group]
-            ax.bar([i + shift for i in x], values, 0.4, yerr=[se(v, n) for v in values], capsize=2, label=name)
+            ax.bar([i + shift for i in x], values, 0.4, yerr=[standard_error(v, n) for v in values], capsize=2, label=name)
         for key, name, style in (("greedy", "greedy", "-"), ("best_static", "best static (validation)", "--")):
             ax.axhline(res[key], color="k" if key == "greedy" else "gray", ls=style, lw=1, label=name)
         ax.set_xticks(list(x), labels, fontsize=6, rotation=35, ha="right")

@@ -1,12 +1,15 @@
 """Head pruning: held-out perplexity against the fraction of heads pruned, per method, before and
-after LoRA recovery (a CPU study on the embedded SmolLM2-135M), and the speed of physically pruned
-models against dense ones (GPU, random weights).
+after LoRA recovery (a study on the embedded SmolLM2-135M: hours on a CPU, minutes on a GPU), and
+the speed of physically pruned models against dense ones (GPU, random weights).
 
     python benchmarks/head_gates.py ppl --tiny --out /tmp/head_gates_tiny                  # smoke test
     python benchmarks/head_gates.py throughput --tiny --device cpu --out /tmp/head_gates_tiny
 
     # the CPU study (several hours on 2 cores; --resume continues a killed run, --methods splits it)
     python benchmarks/head_gates.py ppl --model smollm2-135m --out runs/bench/head_gates --resume
+    # on the GPU machine (benchmarks/gpu_quality.sh: the model and these blocks travel there)
+    python benchmarks/head_gates.py ppl --model smollm2-135m --blocks blocks.pt --only-blocks      # here
+    python3 benchmarks/head_gates.py ppl --model smollm2-135m --device cuda --blocks blocks.pt --out DIR
     # the GPU throughput (H200; each command fits the 10-minute call; PYTHONPATH=$PWD from the repo root)
     python benchmarks/head_gates.py throughput --device cuda --models llama3.2-3b-mha --out $OUT/head_gates
     python benchmarks/head_gates.py throughput --device cuda --models llama3.2-3b,smollm2-135m --out $OUT/head_gates_gqa
@@ -74,6 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     default_dtype, dump, environment, log, paired_ratio, raise_recompile_limits, random_llama, timed,
 )
+from testtime.io import atomic_write  # noqa: E402
 from testtime.heads import (HardConcreteGates, attach_head_gates, head_importance, head_layout,  # noqa: E402
                             iterative_pruning_plan, plan_pruning, prune_heads, random_importance)
 from testtime.lm import IGNORE_INDEX, next_token_loss  # noqa: E402
@@ -148,9 +152,8 @@ def load_data(args, model_name: str, device):
         log(f"data: {source} of {args.block_size}; scoring {len(score)}, eval {len(held_out)} "
             f"({held_out.numel()} tokens)")
         if blocks is not None:
-            blocks.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"settings": settings, "source": source, "score": score, "rest": rest,
-                        "held_out": held_out}, blocks)
+            saved = {"settings": settings, "source": source, "score": score, "rest": rest, "held_out": held_out}
+            atomic_write(blocks, lambda f: torch.save(saved, f), mode="wb")
             log(f"wrote the blocks to {blocks}")
     score, rest, held_out = score.to(device), rest.to(device), held_out.to(device)
     return batches_of(score, args.batch_size), rest, batches_of(held_out, args.batch_size)
