@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Quality studies on the embedded SmolLM2-135M-Instruct, run on the GPU machine: the head-pruning
-# perplexity grid (issue 14) and AutoDeco's legacy-CE vs hinge comparison at two training-set
-# sizes (issue 15). The model's GGUF (98 MB) is over the 64 MiB one device call carries, so it
+# perplexity grid and AutoDeco's legacy-CE vs hinge comparison at several training-set sizes. The model's GGUF (98 MB) is over the 64 MiB one device call carries, so it
 # travels in two parts, in two calls back to back (the machine stays warm 30 s after a call and
 # keeps /tmp while warm):
 #   bash benchmarks/gpu_quality.sh prepare           # here, on the CPU machine: the two parts + the blocks
@@ -69,8 +68,8 @@ launch() {  # call 2: every job in the background
   start hg_a "$hg --methods random,entropy,magnitude --out /tmp/results/hg_a"
   start hg_b "$hg --methods michel,michel_iterative --out /tmp/results/hg_b"
   start hg_c "$hg --methods l0 --out /tmp/results/hg_c"
-  # AutoDeco: the same 64 validation and 256 test problems (seed 0) in every row; the main-size and the
-  # large training sets differ only in n_train. One chain per data set: its build is shared by both objectives.
+  # AutoDeco: the same 64 validation and 256 test problems (seed 0) in every row (make_splits draws test and
+  # validation first). One chain per training set: its build is shared by both objectives.
   local fit="python3 $repo/cli.py fit" c=$repo/configs/autodeco
   local common="--data.init_args.n_val=64 --data.init_args.n_test=256 --data.init_args.eval_batch_size=128 --data.init_args.generation_batch_size=128"
   local d4="--data.init_args.difficulty=4 --data.init_args.sample_max_new_tokens=96 --model.init_args.eval_max_new_tokens=64"
