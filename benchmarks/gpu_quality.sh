@@ -19,6 +19,10 @@ gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
 split_bytes=45000000  # part A beside .whl (16.5 MB), part B beside the blocks: each call under 64 MiB
 export PYTHONPATH=/tmp/site:$repo PYTHONUNBUFFERED=1 TESTTIME_CACHE=/tmp/testtime-cache
 jobs=/tmp/quality-jobs
+# AutoDeco rows: the same 64 validation and 256 test problems (seed 0) in every row (make_splits draws
+# test and validation first); the generation batch size only sets how many problems are sampled at once
+fit="python3 $repo/cli.py fit" ad=$repo/configs/autodeco
+ad_common="--data.init_args.n_val=64 --data.init_args.n_test=256 --data.init_args.eval_batch_size=128"
 
 prepare() {
   local py=${PYTHON:-.venv/bin/python}
@@ -68,32 +72,28 @@ launch() {  # call 2: every job in the background
   start hg_a "$hg --methods random,entropy,magnitude --out /tmp/results/hg_a"
   start hg_b "$hg --methods michel,michel_iterative --out /tmp/results/hg_b"
   start hg_c "$hg --methods l0 --out /tmp/results/hg_c"
-  # AutoDeco: the same 64 validation and 256 test problems (seed 0) in every row (make_splits draws test and
-  # validation first). One chain per training set: its build is shared by both objectives.
-  local fit="python3 $repo/cli.py fit" c=$repo/configs/autodeco
-  local common="--data.init_args.n_val=64 --data.init_args.n_test=256 --data.init_args.eval_batch_size=128 --data.init_args.generation_batch_size=128"
+  # One chain per training set: its build is shared by both objectives.
+  local common="$ad_common --data.init_args.generation_batch_size=128"
   local d4="--data.init_args.difficulty=4 --data.init_args.sample_max_new_tokens=96 --model.init_args.eval_max_new_tokens=64"
-  start ad_d2_main "$fit --config $c/smollm2.yaml $common; $fit --config $c/smollm2_hinge.yaml $common"
-  start ad_d2_large "$fit --config $c/smollm2_large.yaml $common; $fit --config $c/smollm2_hinge.yaml --config $c/large_data.yaml $common"
-  start ad_d4_main "$fit --config $c/smollm2.yaml $common $d4; $fit --config $c/smollm2_hinge.yaml $common $d4"
-  start ad_d4_large "$fit --config $c/smollm2_large.yaml $common $d4; $fit --config $c/smollm2_hinge.yaml --config $c/large_data.yaml $common $d4"
+  start ad_d2_main "$fit --config $ad/smollm2.yaml $common; $fit --config $ad/smollm2_hinge.yaml $common"
+  start ad_d2_large "$fit --config $ad/smollm2_large.yaml $common; $fit --config $ad/smollm2_hinge.yaml --config $ad/large_data.yaml $common"
+  start ad_d4_main "$fit --config $ad/smollm2.yaml $common $d4; $fit --config $ad/smollm2_hinge.yaml $common $d4"
+  start ad_d4_large "$fit --config $ad/smollm2_large.yaml $common $d4; $fit --config $ad/smollm2_hinge.yaml --config $ad/large_data.yaml $common $d4"
   collect
 }
 
 autodeco_large() {  # call 2 of a second round: the large recipes alone (their set as configured now)
   assemble
-  local fit="python3 $repo/cli.py fit" c=$repo/configs/autodeco
-  local common="--data.init_args.n_val=64 --data.init_args.n_test=256 --data.init_args.eval_batch_size=128 --data.init_args.generation_batch_size=256"
-  start ad_d2_large_k12 "$fit --config $c/smollm2_large.yaml $common; $fit --config $c/smollm2_hinge.yaml --config $c/large_data.yaml $common"
+  local common="$ad_common --data.init_args.generation_batch_size=256"
+  start ad_d2_large_k12 "$fit --config $ad/smollm2_large.yaml $common; $fit --config $ad/smollm2_hinge.yaml --config $ad/large_data.yaml $common"
   collect
 }
 
 autodeco_cool() {  # a lever: the training solutions sampled at T=0.7 instead of 1 (legacy CE, both sizes)
   assemble
-  local fit="python3 $repo/cli.py fit" c=$repo/configs/autodeco
-  local common="--data.init_args.n_val=64 --data.init_args.n_test=256 --data.init_args.eval_batch_size=128 --data.init_args.generation_batch_size=256 --data.init_args.sample_temperature=0.7"
-  start ad_d2_main_t07 "$fit --config $c/smollm2.yaml $common"
-  start ad_d2_large_t07 "$fit --config $c/smollm2_large.yaml $common"
+  local common="$ad_common --data.init_args.generation_batch_size=256 --data.init_args.sample_temperature=0.7"
+  start ad_d2_main_t07 "$fit --config $ad/smollm2.yaml $common"
+  start ad_d2_large_t07 "$fit --config $ad/smollm2_large.yaml $common"
   collect
 }
 
