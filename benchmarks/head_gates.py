@@ -221,15 +221,15 @@ def run_ppl(args) -> None:
     from testtime.loading import load_model_and_tokenizer
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "ppl.json"
-    if args.only_blocks:
+    if args.only_blocks:  # no model and no --out: only the token blocks
         if not args.blocks:
             raise SystemExit("--only-blocks needs --blocks FILE")
         load_data(args, args.model, torch.device("cpu"))
         return
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "ppl.json"
     base, _ = load_model_and_tokenizer(args.model, device=device)
     base.requires_grad_(False).eval()
     layout = head_layout(base)
