@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 
 import torch
@@ -37,6 +36,7 @@ from testtime.io import new_figure
 from testtime.loading import folder_model_type, load_tokenizer, resolve
 from testtime.ttt import TTTConfig, TTTForCausalLM
 from testtime.ttt.evaluation import bucket_name, bucket_sums, position_buckets, token_losses
+from testtime.ttt.outer import outer_lr_factor, outer_optimizer
 
 # the paper's TTT settings; None in the module's arguments means these (or the loaded folder's)
 TTT_FIELDS = ("window_size", "chunk_size", "ttt_layer_fraction", "inner_lr", "inner_lr_warmup_steps",
@@ -65,7 +65,8 @@ class TTTModule(TesttimeModule):
         learning_rate: outer AdamW peak learning rate (paper: 3e-3 at 125M).
         min_learning_rate: the end of the cosine decay (paper: 1e-5).
         betas: AdamW betas (paper: 0.9, 0.95).
-        weight_decay: AdamW weight decay of the matrices (paper: 0.1).
+        weight_decay: AdamW weight decay of every parameter, norms and embeddings included, as the
+            official code (paper: 0.1).
         warmup_steps: outer linear warm-up steps (paper: 480 of 4800); the decay lasts until `max_steps`.
         log_ttt_stats_every_n_steps: log the inner loop's before/after loss and gradient norm every n
             steps (0: never; it costs one more pass over each chunk).
@@ -171,26 +172,14 @@ class TTTModule(TesttimeModule):
         return out.loss
 
     def configure_optimizers(self):
-        """AdamW on every parameter (weight decay on matrices only), linear warm-up to
+        """AdamW on every parameter, every one decayed (`testtime.ttt.outer`), linear warm-up to
         `learning_rate`, then a cosine decay to `min_learning_rate` at the trainer's `max_steps`."""
         hp = self.hparams
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        other = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                       {"params": other, "weight_decay": 0.0}], lr=hp.learning_rate,
-                                      betas=tuple(hp.betas))
+        optimizer = outer_optimizer(self.model.parameters(), hp.learning_rate, hp.betas, hp.weight_decay)
         total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
-        warmup, floor = max(1, hp.warmup_steps), hp.min_learning_rate / hp.learning_rate
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if not total or total <= warmup:
-                return 1.0
-            progress = min(1.0, (step - warmup) / (total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        floor = hp.min_learning_rate / hp.learning_rate
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: outer_lr_factor(step, hp.warmup_steps, total, floor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- validation: loss by position, the memory test ---------------------------------------

@@ -1,14 +1,19 @@
-"""TTT-E2E model (testtime/ttt): checked against references written here from the paper.
+"""TTT-E2E model (testtime/ttt): checked against references written here from the paper and the
+official code (github.com/test-time-training/e2e).
 
-The naive reference below is a plain transformer over one sequence with a full [T, T] mask, and
-an inner loop that gives every chunk its own copy of the fast weights and takes the clipped SGD
-step by hand. The model must match it (float64), and decode exactly as its teacher-forced forward.
+The naive reference below is a plain transformer over one sequence with a full [T, T] mask, in
+the official formulation (a pre-norm and a post-norm on every sublayer, RoPE on interleaved pairs
+as complex numbers), and an inner loop that gives every chunk its own copy of the fast weights
+and takes the clipped SGD step by hand. The model must match it (float64), and decode exactly as
+its teacher-forced forward. `official_logits` runs parameters in the official layout itself.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from testtime.lm import left_pad
 from testtime.ttt import TTTConfig, TTTForCausalLM
-from testtime.ttt.model import attention
+from testtime.ttt.attention import attention
 
 PAD = 0
 
@@ -43,17 +48,17 @@ def rms(x, weight, eps):
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def rotate(x, theta):
-    """RoPE on x [T, heads, d]: pair (i, i + d/2) turned by the angle position * theta^(-2i/d)."""
+def rotate(x, theta, interleaved=True):
+    """RoPE on x [T, heads, d]: the official pairs (x_2i, x_2i+1) as the complex number
+    x_2i + i x_2i+1 times exp(i * position * theta^(-2i/d)); else Llama's pairs (i, i + d/2)."""
     T, _, d = x.shape
+    angle = torch.arange(T, dtype=x.dtype)[:, None] * theta ** (-torch.arange(0, d, 2, dtype=x.dtype) / d)
+    turn = torch.polar(torch.ones_like(angle), angle)[:, None]  # [T, 1, d/2]
+    if interleaved:
+        return torch.view_as_real(torch.view_as_complex(x.reshape(T, -1, d // 2, 2).contiguous()) * turn).flatten(-2)
     half = d // 2
-    first, second = [], []
-    for i in range(half):
-        angle = torch.arange(T, dtype=x.dtype) * theta ** (-2 * i / d)
-        c, s = angle.cos()[:, None], angle.sin()[:, None]
-        first.append(x[..., i] * c - x[..., i + half] * s)
-        second.append(x[..., i + half] * c + x[..., i] * s)
-    return torch.stack(first + second, -1)
+    out = torch.view_as_real(torch.complex(x[..., :half], x[..., half:]) * turn)
+    return torch.cat([out[..., 0], out[..., 1]], -1)
 
 
 def swiglu(x, w_gate, w_up, w_down):
@@ -62,7 +67,8 @@ def swiglu(x, w_gate, w_up, w_down):
 
 def naive_logits(model, ids, chunk_weights):
     """Logits [T, V] of one sequence; at the positions of chunk c, TTT block j's MLP' uses
-    chunk_weights[c][j] = (w_gate, w_up, w_down)."""
+    chunk_weights[c][j] = (w_gate, w_up, w_down). Post-norms and the RoPE layout as the config
+    says (the official layout by default)."""
     cfg = model.config
     T, heads, b, eps = len(ids), cfg.num_attention_heads, cfg.chunk_size, cfg.rms_norm_eps
     d = cfg.hidden_size // heads
@@ -70,25 +76,62 @@ def naive_logits(model, ids, chunk_weights):
     seen = p[None, :] <= p[:, None]
     if cfg.attention == "sliding":
         seen = seen & (p[:, None] - p[None, :] < cfg.window_size)
+    post = (lambda norm, y: rms(y, norm.weight, eps)) if cfg.post_norm else (lambda norm, y: y)
     h = model.model.embed_tokens.weight[ids]
     j = 0
     for block in model.model.layers:
         a = block.self_attn
         x = rms(h, block.input_layernorm.weight, eps)
-        q = rotate(rms((x @ a.q_proj.weight.T).view(T, heads, d), a.q_norm.weight, eps), cfg.rope_theta)
-        k = rotate(rms((x @ a.k_proj.weight.T).view(T, heads, d), a.k_norm.weight, eps), cfg.rope_theta)
-        v = (x @ a.v_proj.weight.T).view(T, heads, d)
+        heads_of = lambda w: (x @ w.T).view(T, heads, d)
+        q = rotate(rms(heads_of(a.q_proj.weight), a.q_norm.weight, eps), cfg.rope_theta, cfg.rope_interleaved)
+        k = rotate(rms(heads_of(a.k_proj.weight), a.k_norm.weight, eps), cfg.rope_theta, cfg.rope_interleaved)
+        v = heads_of(a.v_proj.weight)
         scores = torch.einsum("tnd,snd->nts", q, k) / math.sqrt(d)
         probs = scores.masked_fill(~seen, float("-inf")).softmax(-1)
-        h = h + torch.einsum("nts,snd->tnd", probs, v).reshape(T, -1) @ a.o_proj.weight.T
+        h = h + post(block.post_attn_norm, torch.einsum("nts,snd->tnd", probs, v).reshape(T, -1) @ a.o_proj.weight.T)
         if block.fast_mlp is not None:
             x = rms(h, block.fast_norm.weight, eps)
-            h = h + torch.cat([swiglu(x[c * b:(c + 1) * b], *chunk_weights[c][j]) for c in range(math.ceil(T / b))])
+            fast = torch.cat([swiglu(x[c * b:(c + 1) * b], *chunk_weights[c][j]) for c in range(math.ceil(T / b))])
+            h = h + post(block.post_fast_norm, fast)
             j += 1
         m = block.mlp
-        h = h + swiglu(rms(h, block.post_attention_layernorm.weight, eps), m.gate_proj.weight, m.up_proj.weight,
-                       m.down_proj.weight)
+        h = h + post(block.post_mlp_norm, swiglu(rms(h, block.post_attention_layernorm.weight, eps),
+                                                 m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight))
     return rms(h, model.model.norm.weight, eps) @ model.lm_head.weight.T
+
+
+def official_logits(params, cfg, ids):
+    """The official forward with TTT off, written from its code on official-layout parameters
+    (Equinox names, layers stacked, matrices [in, out]; `testtime.ttt.convert`'s docstring)."""
+    P = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in params.items()}
+    blocks, prime = "language_model.model.h.blocks.", "language_model.model.h.prime_storage."
+    T, heads, eps = len(ids), cfg.num_attention_heads, cfg.rms_norm_eps
+    d = cfg.hidden_size // heads
+    p = torch.arange(T)
+    seen = (p[None, :] <= p[:, None]) & (p[:, None] - p[None, :] < cfg.window_size)
+    h = P["language_model.model.wte.weight"][ids]
+    L, S = cfg.num_hidden_layers, cfg.num_ttt_layers
+    for i in range(L):
+        w = lambda name: P[blocks + name][i]
+        x = rms(h, w("seq_norm.weight"), eps)
+        q = rotate(rms((x @ w("seq_modeling_block.wq.weight")).view(T, heads, d), w("seq_modeling_block.q_norm.weight"),
+                       eps), cfg.rope_theta)
+        k = rotate(rms((x @ w("seq_modeling_block.wk.weight")).view(T, heads, d), w("seq_modeling_block.k_norm.weight"),
+                       eps), cfg.rope_theta)
+        v = (x @ w("seq_modeling_block.wv.weight")).view(T, heads, d)
+        probs = (torch.einsum("tnd,snd->nts", q, k) / math.sqrt(d)).masked_fill(~seen, float("-inf")).softmax(-1)
+        attn = torch.einsum("nts,snd->tnd", probs, v).reshape(T, -1) @ w("seq_modeling_block.wo.weight")
+        h = h + rms(attn, w("seq_post_norm.weight"), eps)
+        if i >= L - S:
+            f = lambda name: P[prime + name][i - (L - S)]
+            x = rms(h, f("ffn_prime_norm.weight"), eps)
+            y = (F.silu(x @ f("feed_forward_prime.w1.weight")) * (x @ f("feed_forward_prime.w3.weight"))) \
+                @ f("feed_forward_prime.w2.weight")
+            h = h + rms(y, f("ffn_prime_post_norm.weight"), eps)
+        x = rms(h, w("ffn_norm.weight"), eps)
+        y = (F.silu(x @ w("feed_forward.w1.weight")) * (x @ w("feed_forward.w3.weight"))) @ w("feed_forward.w2.weight")
+        h = h + rms(y, w("ffn_post_norm.weight"), eps)
+    return rms(h, P["language_model.model.ln_f.weight"], eps) @ P["language_model.model.wte.weight"].T
 
 
 def naive_inner_loop(model, ids, lr, clip, steps=1):
@@ -327,8 +370,8 @@ def test_greedy_generate_is_the_teacher_forced_argmax(attention_kind):
     result = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None,
                             return_dict_in_generate=True)
     out = result.sequences
-    if attention_kind == "sliding":  # constant cost per token: the cache never outgrows k + b - 1
-        assert result.cache.capacity == model.config.window_size + model.config.chunk_size - 1
+    if attention_kind == "sliding":  # constant cost per token: the cache never outgrows k + b
+        assert result.cache.capacity == model.config.window_size + model.config.chunk_size
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None,
                            ttt=False)
     assert not torch.equal(out, plain)  # the inner loop changes what is decoded
@@ -398,3 +441,94 @@ def test_lora_wraps_the_static_layers_and_never_a_fast_weight():
         assert not torch.allclose(peft_model(ids).logits, peft_model(ids, ttt=False).logits)  # W_0 frozen, TTT on
     peft_model(ids, labels=ids).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_" in n)
+
+
+# --- the official layout, older layouts, precision, kept logits ----------------------------------
+
+
+def test_official_parameters_convert_to_the_official_forward():
+    from testtime.ttt.convert import from_official, to_official
+
+    config = TTTConfig.from_preset("tiny", num_hidden_layers=4, ttt_layer_fraction=0.5, window_size=8)
+    shapes = {k: v.shape for k, v in to_official(TTTForCausalLM(config)).items()}
+    rng = np.random.default_rng(0)
+    params = {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in shapes.items()}
+    params = {k.replace(".", "/"): v for k, v in params.items()}  # an Orbax tree path spells it so
+    model = TTTForCausalLM(config).double().eval()
+    model.load_state_dict(from_official(params, config))
+    ids = tokens(21)[0]  # beyond the window of 8
+    with torch.no_grad():
+        ours = model(ids[None], ttt=False).logits[0]
+    torch.testing.assert_close(ours, official_logits({k.replace("/", "."): v for k, v in params.items()}, config, ids),
+                               rtol=0, atol=1e-9)
+    back = to_official(model)
+    assert all(np.allclose(back[k.replace("/", ".")], v, atol=1e-7) for k, v in params.items())
+    del params["language_model/model/ln_f/weight"]
+    with pytest.raises(KeyError, match="ln_f"):
+        from_official(params, config)
+
+
+def test_a_config_saved_before_post_norms_loads_as_it_was_saved(tmp_path):
+    model = tiny(post_norm=False, rope_interleaved=False)
+    assert not any("post_" in n and "norm" in n and "post_attention_layernorm" not in n
+                   for n, _ in model.named_parameters())
+    ids = tokens(22)[0]
+    with torch.no_grad():  # the pre-norm, half-split layout against the naive reference too
+        torch.testing.assert_close(model(ids[None], ttt=False).logits[0],
+                                   naive_logits(model, ids, static_weights(model, len(ids))), rtol=0, atol=1e-10)
+        expected = model(ids[None]).logits
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for field in ("post_norm", "rope_interleaved"):  # what a folder written before these fields holds
+        del config[field]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert (reloaded.config.post_norm, reloaded.config.rope_interleaved) == (False, False)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids[None]).logits, expected)
+    assert TTTConfig.from_preset("125m").post_norm and TTTConfig.from_preset("125m").rope_interleaved
+
+
+def _first_update(model, ids, **autocast):
+    """(W_0, W_1) of every fast weight, flat: W_1 after chunk 0's update (a prefill of b + 1 tokens)."""
+    w0 = [w.detach().float().clone() for block in model.ttt_blocks for w in block.fast_mlp.weights()]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(autocast)):
+        w1 = [w[0] for layer in model(ids, use_cache=True).cache.fast for w in layer]
+    return w0, w1
+
+
+def test_fast_weights_and_their_update_stay_float32_under_bf16():
+    settings = dict(initializer_range=0.5, inner_grad_clip=0.05, dtype=torch.float32)  # small steps on large W
+    model = tiny(**settings)
+    ids = tokens(model.config.chunk_size + 1)[0][None]
+    w0, reference = _first_update(model, ids)
+    delta = [r - w for r, w in zip(reference, w0)]
+    size = torch.sqrt(sum(d.pow(2).sum() for d in delta))
+
+    def error(w_start, w_end):
+        return (torch.sqrt(sum(((e - s) - d).pow(2).sum() for s, e, d in zip(w_start, w_end, delta))) / size).item()
+
+    _, auto = _first_update(model, ids, autocast=True)  # bf16 autocast: matmuls in bf16
+    assert all(w.dtype == torch.float32 for w in auto)
+    assert error(w0, auto) < 0.06
+    # the same step stored in bf16 would lose most of it: the weights' bf16 spacing exceeds the step
+    assert error(w0, [(w.bfloat16() + d.bfloat16()).float() for w, d in zip(w0, delta)]) > 0.5
+    cast = tiny(**settings).to(torch.bfloat16)  # a model cast to bf16: W_0 bf16, its updates float32
+    w0_cast, updated = _first_update(cast, ids)
+    assert all(w.dtype == torch.float32 for w in updated)
+    assert error(w0_cast, updated) < 0.06
+
+
+def test_logits_to_keep_returns_the_last_columns():
+    model = tiny()
+    ids, mask = left_pad(tokens(17, 9), PAD)
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}, {"attention_mask": mask, "ttt": False}):
+            full = model(ids, **kwargs).logits
+            for keep in (1, 5, ids.shape[1], 100):
+                torch.testing.assert_close(model(ids, logits_to_keep=keep, **kwargs).logits, full[:, -keep:],
+                                           rtol=0, atol=1e-12)
+        labelled = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), logits_to_keep=2)
+        assert labelled.loss == model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, logits_to_keep=-1)

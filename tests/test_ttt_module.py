@@ -77,9 +77,16 @@ def test_outer_schedule_warms_up_then_decays_to_the_floor(tiny_model_dir):
     expected = [1e-2 * (s + 1) / 4 for s in range(4)]
     expected += [1e-4 + (1e-2 - 1e-4) * 0.5 * (1 + math.cos(math.pi * (s - 4) / 16)) for s in range(4, 21)]
     assert lrs == pytest.approx(expected, rel=1e-9)
-    decayed, flat = optimizer.param_groups
-    assert decayed["weight_decay"] == 0.1 and flat["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in flat["params"])
+    (group,) = optimizer.param_groups  # the official code decays every parameter, norms included
+    assert group["weight_decay"] == 0.1
+    assert {id(p) for p in group["params"]} == {id(p) for p in module.model.parameters()}
+    norm = module.model.model.norm.weight
+    with torch.no_grad():
+        norm.fill_(1.0)
+    norm.grad = torch.zeros_like(norm)
+    before = optimizer.param_groups[0]["lr"]
+    optimizer.step()  # zero gradient: AdamW moves the weight by the decay alone
+    assert norm.detach() == pytest.approx(torch.full_like(norm, 1 - before * 0.1), rel=1e-6)
     assert optimizer.defaults["betas"] == (0.9, 0.95)
 
 

@@ -23,6 +23,7 @@ import math
 from transformers import PretrainedConfig
 
 ATTENTION = ("sliding", "full")
+FAST_PATH = ("auto", "on", "off")
 
 # name -> (architecture, width of the model without TTT, rounding multiple of the TTT width)
 PRESETS = {
@@ -55,7 +56,11 @@ class TTTConfig(PretrainedConfig):
 
     Architecture: `vocab_size`, `hidden_size`, `intermediate_size` (every SwiGLU MLP, MLP'
     included), `num_hidden_layers`, `num_attention_heads` (head dim = hidden / heads, even),
-    `rope_theta`, `rms_norm_eps`, `tie_word_embeddings`, `initializer_range`.
+    `rope_theta`, `rms_norm_eps`, `tie_word_embeddings`, `initializer_range`. As the official code:
+    `post_norm` adds an RMSNorm on the output of every sublayer (attention, MLP', MLP) besides its
+    pre-norm, and `rope_interleaved` rotates the pairs (2i, 2i + 1) of each head; false gives
+    pre-norms only and Llama's pairs (i, i + d/2), the layout of models saved before these fields
+    existed (a saved config without them loads that way).
     Attention: `attention` "sliding" (window of `window_size` = k positions, the query's own
     included) or "full" (the long-context baseline).
     TTT: the last `ttt_layer_fraction` of the blocks carry MLP' (0 = none: a plain transformer).
@@ -66,6 +71,9 @@ class TTTConfig(PretrainedConfig):
     `inner_grad_clip` (None = no clip). `first_order` drops the second-order terms of the
     meta-gradient; `recompute` recomputes activations per chunk (and per lower block) in the
     backward pass to bound memory.
+    Speed: `fast_path` "auto" runs the fixed-shape compiled path of `testtime.ttt.fast` on a GPU
+    and the plain path elsewhere, "on" the fixed-shape path on any device, "off" the plain path
+    only; both compute the same function.
     """
 
     model_type = "ttt_e2e"
@@ -90,6 +98,9 @@ class TTTConfig(PretrainedConfig):
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
+    post_norm: bool = True
+    rope_interleaved: bool = True
+    fast_path: str = "auto"
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -110,8 +121,19 @@ class TTTConfig(PretrainedConfig):
             raise ValueError(f"ttt_layer_fraction must be in [0, 1], got {self.ttt_layer_fraction}")
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
+        if self.fast_path not in FAST_PATH:
+            raise ValueError(f"fast_path must be one of {FAST_PATH}, got {self.fast_path!r}")
         if self.inner_lr_warmup_steps < 0:
             raise ValueError(f"inner_lr_warmup_steps must be >= 0, got {self.inner_lr_warmup_steps}")
+
+    # what a config.json written before a field existed meant by its absence
+    LEGACY_DEFAULTS = {"post_norm": False, "rope_interleaved": False}
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "TTTConfig":
+        """As `PretrainedConfig.from_dict`; a saved config without `post_norm` / `rope_interleaved`
+        (written before they existed) describes the pre-norm, half-split-RoPE model it was saved as."""
+        return super().from_dict({**cls.LEGACY_DEFAULTS, **config_dict}, **kwargs)
 
     @property
     def num_ttt_layers(self) -> int:

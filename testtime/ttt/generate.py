@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import torch
 
-from testtime.ttt.inner import KV, Run, inner_update
+from testtime.ttt.attention import KV, attend_past
+from testtime.ttt.inner import Run, inner_update
 
 
 class TTTCache:
     """The decoding state of a batch, created by `model(..., use_cache=True)` (and `generate`).
 
     - `keys[l]`, `values[l]` [B, heads, C, head_dim]: ring buffers of every layer, slot = position
-      mod C with C = k + b - 1 (the window of a chunk's first token plus the chunk); with full
-      attention C grows and slot = position. `slot_pos` [B, C]: the position in each slot, -1 empty.
-    - `pos` [B]: the next position of each sample; `max_len`: its maximum (host side).
+      mod C with C = k + b (the k positions before a chunk and the chunk: what its update reads);
+      with full attention C grows and slot = position. `slot_pos` [B, C]: the position in each slot, -1 empty.
+    - `pos` [B]: the next position of each sample, `pos_host` the same as a list (host side, so
+      that deciding which sample updates needs no device sync); `max_len`: its maximum.
     - `fast`: per TTT block the per-sample (w_gate, w_up, w_down) after the last complete chunk.
     - `pending_h` [B, b, H], `pending_ids` [B, b]: the inputs of the TTT blocks and the tokens of
       the chunk in progress, slot = position mod b: what its update recomputes.
@@ -38,8 +40,10 @@ class TTTCache:
                  chunk_size: int, window: int | None):
         self.keys, self.values, self.slot_pos = keys, values, slot_pos
         self.pos, self.max_len, self.fast = pos, max_len, fast
+        self.pos_host = pos.tolist()
         self.pending_h, self.pending_ids = pending_h, pending_ids
         self.chunk_size, self.window = chunk_size, window
+        self.graphs: dict = {}  # the fast path's CUDA graphs over these tensors (testtime.ttt.fast)
 
     @property
     def capacity(self) -> int:
@@ -48,7 +52,7 @@ class TTTCache:
     @staticmethod
     def first_kept_position(min_len: int, seq_len: int, run: Run) -> int:
         """The first column of a prefill whose keys any sample's cache needs."""
-        capacity = seq_len if run.window is None else run.window + run.chunk_size - 1
+        capacity = seq_len if run.window is None else run.window + run.chunk_size
         return max(0, min_len - min(capacity, seq_len))
 
     @classmethod
@@ -62,7 +66,7 @@ class TTTCache:
         """
         B, T = ids.shape
         b = run.chunk_size
-        capacity = T if run.window is None else run.window + b - 1
+        capacity = T if run.window is None else run.window + b
         width = min(capacity, T)
         position = lengths[:, None] - width + torch.arange(width, device=ids.device)  # [B, width]
         column = (position - keep_from).clamp(min=0)
@@ -91,9 +95,17 @@ class TTTCache:
         if needed <= self.capacity:
             return
         extra = max(needed, 2 * self.capacity) - self.capacity
+        self.graphs = {}
         pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], 2)
         self.keys, self.values = [pad(k) for k in self.keys], [pad(v) for v in self.values]
         self.slot_pos = torch.cat([self.slot_pos, self.slot_pos.new_full((self.slot_pos.shape[0], extra), -1)], 1)
+
+    def copy(self) -> "TTTCache":
+        """An independent copy (every tensor cloned)."""
+        clone = lambda t: None if t is None else t.clone()
+        return TTTCache([clone(k) for k in self.keys], [clone(v) for v in self.values], clone(self.slot_pos),
+                        clone(self.pos), self.max_len, [tuple(clone(w) for w in layer) for layer in self.fast],
+                        clone(self.pending_h), clone(self.pending_ids), self.chunk_size, self.window)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep the rows `beam_idx` (each beam has its own fast weights)."""
@@ -102,14 +114,20 @@ class TTTCache:
         self.slot_pos, self.pos = pick(self.slot_pos), pick(self.pos)
         self.fast = [tuple(pick(w) for w in layer) for layer in self.fast]
         self.pending_h, self.pending_ids = pick(self.pending_h), pick(self.pending_ids)
+        self.pos_host = [self.pos_host[i] for i in beam_idx.tolist()]
+        self.graphs = {}
 
 
 @torch.no_grad()
 def decode(model, cache: TTTCache, input_ids: torch.LongTensor, run: Run) -> torch.Tensor:
-    """Continue `cache` with input_ids [B, t], one token at a time -> logits [B, t, V]."""
+    """Continue `cache` with input_ids [B, t], one token at a time -> logits [B, t, V] (on the
+    fast path of `testtime.ttt.fast` where it applies)."""
     if (run.chunk_size, run.window) != (cache.chunk_size, cache.window):
         raise ValueError(f"chunk_size {run.chunk_size} / window {run.window} differ from the cache's "
                          f"({cache.chunk_size} / {cache.window}): the chunk grid is fixed at prefill")
+    fast_path = model.fast.choose(run, input_ids.device, False, False, 1)
+    if fast_path is not None and fast_path.decode_reason(cache, run) is None:
+        return fast_path.decode(cache, input_ids, run)
     return torch.cat([_decode_token(model, cache, input_ids[:, j], run) for j in range(input_ids.shape[1])], 1)
 
 
@@ -124,12 +142,14 @@ def _decode_token(model, cache: TTTCache, token: torch.LongTensor, run: Run) -> 
         cache.grow(cache.max_len + 1)
     pos = cache.pos[:, None]
     h = model.model.embed_tokens(token[:, None])
+    rot = model.rope_tables(pos)
     new = []
     for i, block in enumerate(model.model.layers):
         if i == model.num_lower and cache.pending_h is not None:
             cache.pending_h[rows, cache.pos % b] = h[:, 0]
         fast = cache.fast[i - model.num_lower] if run.ttt and i >= model.num_lower else None
-        h, k, v = block(h, pos, KV(cache.keys[i], cache.values[i], cache.slot_pos), fast, cache.window, b)
+        attend = attend_past(pos, KV(cache.keys[i], cache.values[i], cache.slot_pos), cache.window, b)
+        h, k, v = block(h, rot, attend, fast)
         new.append((k, v))
     slot = cache.pos % cache.capacity  # the oldest position, out of every window still needed
     for i, (k, v) in enumerate(new):
@@ -139,6 +159,7 @@ def _decode_token(model, cache: TTTCache, token: torch.LongTensor, run: Run) -> 
     if cache.pending_ids is not None:
         cache.pending_ids[rows, cache.pos % b] = token
     cache.pos = cache.pos + 1
+    cache.pos_host = [p + 1 for p in cache.pos_host]
     cache.max_len += 1
     return model.lm_head(model.model.norm(h))
 

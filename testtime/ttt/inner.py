@@ -30,15 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from testtime.lm import IGNORE_INDEX
-
-
-class KV(NamedTuple):
-    """Keys and values [B, heads, n, head_dim] (RoPE applied) at positions `pos` [B or 1, n];
-    position -1 marks an empty cache slot."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    pos: torch.Tensor
+from testtime.ttt.attention import KV, attend_past
 
 
 class Run(NamedTuple):
@@ -65,37 +57,41 @@ def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     return ce.sum(1) / count.clamp(min=1), count
 
 
-def sgd_step(loss: torch.Tensor, fast, lr: float, clip: float | None, apply: torch.Tensor,
-             create_graph: bool, retain_graph: bool):
-    """One clipped SGD step per sample: W - lr * apply * g * c / max(|g|, c).
-
-    `loss` is the sum over samples of their mean losses, so g is each sample's own gradient;
-    |g| is its global norm over every fast weight of every TTT block. `apply` [B] (0 or 1) skips
-    samples whose chunk is not complete. Returns (new fast weights, |g| [B] before clipping).
-    """
-    flat = [w for layer in fast for w in layer]
-    grads = torch.autograd.grad(loss, flat, create_graph=create_graph, retain_graph=retain_graph)
+def clipped_update(flat, grads, lr, clip: float | None, apply: torch.Tensor):
+    """W - lr * apply * g * c / max(|g|, c) for every fast weight of every TTT block (flat lists);
+    |g| [B] is each sample's global norm over all of them (float32 at least). `lr` a float or a
+    0-d tensor; `apply` [B] (0 or 1) skips samples whose chunk is not complete. -> (new, |g|)."""
     dtype = torch.promote_types(grads[0].dtype, torch.float32)
     norm = torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=dtype) for g in grads], 1), dim=1)
     scale = lr * apply
     if clip is not None:
         scale = scale * (clip / norm.clamp(min=clip))
-    new = [w - scale.view(-1, *[1] * (w.dim() - 1)).to(w.dtype) * g for w, g in zip(flat, grads)]
-    per_layer = len(fast[0])
-    return [tuple(new[i:i + per_layer]) for i in range(0, len(new), per_layer)], norm.detach()
+    return [w - scale.view(-1, *[1] * (w.dim() - 1)).to(w.dtype) * g for w, g in zip(flat, grads)], norm
+
+
+def unflatten(flat: list[torch.Tensor], per_layer: int) -> list[tuple[torch.Tensor, ...]]:
+    return [tuple(flat[i:i + per_layer]) for i in range(0, len(flat), per_layer)]
+
+
+def sgd_step(loss: torch.Tensor, fast, lr: float, clip: float | None, apply: torch.Tensor,
+             create_graph: bool, retain_graph: bool):
+    """One clipped SGD step per sample (`clipped_update`) on the gradient of `loss`, the sum over
+    samples of their mean losses, so g is each sample's own gradient. Returns (new fast weights,
+    |g| [B] before clipping)."""
+    flat = [w for layer in fast for w in layer]
+    grads = torch.autograd.grad(loss, flat, create_graph=create_graph, retain_graph=retain_graph)
+    new, norm = clipped_update(flat, grads, lr, clip, apply)
+    return unflatten(new, len(fast[0])), norm.detach()
 
 
 def chunk_forward(model, x, pos, past, fast, run: Run):
-    """The TTT blocks, the final norm and the LM head on one chunk.
+    """The TTT blocks, the final norm and the LM head on one chunk (`TTTQuarter`), plain attention.
 
     x [B, t, H]: the chunk's output of the lower blocks; past: per TTT block the keys before the
     chunk (KV); fast: per TTT block its (w_gate, w_up, w_down). -> (logits [B, t, V], [(k, v)])."""
-    h, kvs = x, []
-    for block, p, f in zip(model.ttt_blocks, past, fast):
-        h, k, v = block(h, pos, p, f, run.window, run.chunk_size)
-        kvs.append((k, v))
-    return model.lm_head(model.model.norm(h)), kvs
+    attends = [attend_past(pos, p, run.window, run.chunk_size) for p in past]
+    return model.quarter()(x, model.rope_tables(pos), attends, fast)
 
 
 def inner_update(model, x, pos, past, fast, targets, apply, run: Run, create_graph: bool, retain_graph: bool):
@@ -125,14 +121,15 @@ def _extend(past, k, v, pos, window: int | None):
 
 
 def scan_chunks(model, h, next_ids, lengths, max_len: int, run: Run, outer_grad: bool,
-                keep_from: int | None, stats: bool):
+                keep_from: int | None, stats: bool, keep: tuple[int, int]):
     """The TTT quarter of the network over the sequence, chunk by chunk, with the inner loop.
 
     h [B, T, H]: output of the lower blocks (real tokens first); next_ids [B, T]: the inner
     targets; lengths [B]: real tokens per sample (max_len its max, on the host). Chunk i of sample
     n is complete, and updates its weights, once its next token exists: (i + 1) b < length_n.
-    Returns (logits [B, T, V], fast weights after the last complete chunk, the TTT blocks' (k, v)
-    from position `keep_from` (None: not kept), the statistics of `TTTCausalLMOutput` if asked).
+    Returns (logits [B, hi - lo, V] of the positions keep = (lo, hi), fast weights after the last
+    complete chunk, the TTT blocks' (k, v) from position `keep_from` (None: not kept), the
+    statistics of `TTTCausalLMOutput` if asked).
 
     When the caller had grad off (`outer_grad` False) every chunk's graph is dropped after its
     update. `run.recompute` wraps each chunk in a non-reentrant checkpoint: its activations, the
@@ -170,14 +167,15 @@ def scan_chunks(model, h, next_ids, lengths, max_len: int, run: Run, outer_grad:
                 norms.append(torch.where(count > 0, norm, nan))
                 # the statistics took the step on every chunk with targets; the state keeps it only
                 # where the chunk is complete (a prefill's cache must not learn from a partial chunk)
-                keep = complete.bool().view(-1, 1, 1)
-                new = [tuple(torch.where(keep, w1, w0) for w0, w1 in zip(l0, l1)) for l0, l1 in zip(fast, new)]
+                complete_rows = complete.bool().view(-1, 1, 1)
+                new = [tuple(torch.where(complete_rows, w1, w0) for w0, w1 in zip(l0, l1)) for l0, l1 in zip(fast, new)]
             if not outer_grad:
                 chunk_logits = chunk_logits.detach()
                 kvs = [(k.detach(), v.detach()) for k, v in kvs]
                 if new is not None:
                     new = [tuple(w.detach().requires_grad_() for w in layer) for layer in new]
-            logits.append(chunk_logits)
+            if s < keep[1] and e > keep[0]:
+                logits.append(chunk_logits[:, max(keep[0] - s, 0):keep[1] - s])
             past = [_extend(p, k, v, pos, run.window) for p, (k, v) in zip(past, kvs)]
             if keep_from is not None and e > keep_from:
                 lo = max(0, keep_from - s)

@@ -37,7 +37,8 @@ from transformers.utils import ModelOutput
 from testtime.lm import IGNORE_INDEX, next_token_loss
 from testtime.ttt.config import TTTConfig
 from testtime.ttt.generate import TTTCache, decode
-from testtime.ttt.inner import KV, Run, scan_chunks
+from testtime.ttt.attention import attend_past
+from testtime.ttt.inner import Run, scan_chunks
 
 # ---------------------------------------------------------------------------------------------
 # 1. Layers
@@ -57,47 +58,26 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding of x [B, heads, t, d] at positions pos [B or 1, t], Llama's layout: the
-    pair (x_i, x_{i + d/2}) is rotated by the angle pos * theta^(-2i/d)."""
-    d = x.shape[-1]
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=dtype) / d)
+def rotary(pos: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B or 1, 1, t, head_dim / 2] of RoPE's angles pos * theta^(-2i / head_dim) at
+    positions pos [B or 1, t], in `dtype` (float32 at least). Computed once per forward (per chunk,
+    per decoded token) and shared by every layer."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=dtype) / head_dim)
     angle = pos.to(dtype)[:, None, :, None] * inv_freq
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return angle.cos(), angle.sin()
 
 
-def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Bool [B or 1, 1, tq, tk]: the query at position p sees the key at position j iff
-    0 <= p - j < window (every j <= p when window is None) and the key slot is not empty."""
-    dist = q_pos[:, :, None] - k_pos[:, None, :]
-    ok = (dist >= 0) & (k_pos >= 0)[:, None, :]
-    if window is not None:
-        ok = ok & (dist < window)
-    return ok[:, None]
-
-
-def attention(q, k, v, q_pos, k_pos, window: int | None, block: int) -> torch.Tensor:
-    """Causal (sliding-window) softmax attention by positions, through SDPA.
-
-    Up to `block` queries take one SDPA call with the [tq, tk] mask of `visible` (a chunk against
-    its window: [b, k - 1 + b]; a decoded token against its cache). A longer sequence attending to
-    itself (the one-pass forward of the lower blocks) is cut into blocks of `block` queries, each
-    against the keys it can see, so the mask is never [T, T]; full attention uses SDPA's is_causal.
-    """
-    tq = q.shape[2]
-    if tq <= block:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible(q_pos, k_pos, window))
-    if window is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    out = []
-    for s in range(0, tq, block):
-        e, lo = min(s + block, tq), max(0, s - window + 1)
-        mask = visible(q_pos[:, s:e], k_pos[:, lo:e], window)
-        out.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, lo:e], v[:, :, lo:e], attn_mask=mask))
-    return torch.cat(out, dim=2)
+def apply_rotary(x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], interleaved: bool) -> torch.Tensor:
+    """RoPE on x [B, heads, t, d] with the tables of `rotary`: each pair turned by its angle, in
+    float32 (at least) and returned in x's dtype. `interleaved`: the pairs (x_2i, x_2i+1), as the
+    official code; else Llama's (x_i, x_i+d/2)."""
+    cos, sin = rot
+    dtype = torch.promote_types(x.dtype, cos.dtype)
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleaved else x.chunk(2, dim=-1)
+    x1, x2 = x1.to(dtype), x2.to(dtype)
+    r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    out = torch.stack([r1, r2], dim=-1).flatten(-2) if interleaved else torch.cat([r1, r2], dim=-1)
+    return out.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -107,7 +87,7 @@ class Attention(nn.Module):
         super().__init__()
         h, self.heads = config.hidden_size, config.num_attention_heads
         self.head_dim = h // self.heads
-        self.theta = config.rope_theta
+        self.interleaved = config.rope_interleaved
         self.q_proj = nn.Linear(h, h, bias=False)
         self.k_proj = nn.Linear(h, h, bias=False)
         self.v_proj = nn.Linear(h, h, bias=False)
@@ -115,19 +95,17 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, pos, past: KV | None, window: int | None, block: int):
-        """x [B, t, H] at positions pos -> (output [B, t, H], k, v of these t positions).
-        `past`: the keys before them (a previous chunk's window, or a decoding cache)."""
+    def forward(self, x, rot, attend):
+        """x [B, t, H] -> (output [B, t, H], k, v of these t positions). `rot`: the RoPE tables of
+        their positions (`rotary`); `attend(q, k, v)`: the attention against whatever keys come
+        before them (`testtime.ttt.attention`). q and k go in v's dtype (under autocast: bf16, as
+        SDPA would cast them), so caches hold one dtype."""
         B, t, _ = x.shape
         split = lambda y: y.view(B, t, self.heads, self.head_dim).transpose(1, 2)
-        q = rope(self.q_norm(split(self.q_proj(x))), pos, self.theta)
-        k = rope(self.k_norm(split(self.k_proj(x))), pos, self.theta)
         v = split(self.v_proj(x))
-        keys, values, k_pos = k, v, pos
-        if past is not None:
-            keys, values = torch.cat([past.k, k], 2), torch.cat([past.v, v], 2)
-            k_pos = torch.cat([past.pos.expand(pos.shape[0], -1), pos.expand(past.pos.shape[0], -1)], 1)
-        out = attention(q, keys, values, pos, k_pos, window, block)
+        q = apply_rotary(self.q_norm(split(self.q_proj(x))), rot, self.interleaved).to(v.dtype)
+        k = apply_rotary(self.k_norm(split(self.k_proj(x))), rot, self.interleaved).to(v.dtype)
+        out = attend(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(B, t, -1)), k, v
 
 
@@ -149,7 +127,9 @@ class FastMLP(nn.Module):
     """MLP': a SwiGLU whose weights are the initial fast weights W_0, trained by the outer loop.
 
     `forward(x, fast)` applies per-sample weights fast = (w_gate [B, I, H], w_up [B, I, H],
-    w_down [B, H, I]) with batched matmuls; `fast=None` applies W_0 itself (TTT off).
+    w_down [B, H, I]) with batched matmuls in x's dtype (the fast weights themselves stay float32,
+    as the official code keeps them: see `TTTForCausalLM.initial_fast_weights`); `fast=None`
+    applies W_0 itself (TTT off).
     """
 
     def __init__(self, config: TTTConfig):
@@ -165,30 +145,47 @@ class FastMLP(nn.Module):
     def forward(self, x, fast=None):
         if fast is None:
             return F.linear(F.silu(F.linear(x, self.w_gate)) * F.linear(x, self.w_up), self.w_down)
-        w_gate, w_up, w_down = fast
-        return (F.silu(x @ w_gate.transpose(1, 2)) * (x @ w_up.transpose(1, 2))) @ w_down.transpose(1, 2)
+        w_gate, w_up, w_down = (w.to(x.dtype).transpose(1, 2) for w in fast)
+        return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+def _norm(config: TTTConfig, on: bool = True) -> RMSNorm | None:
+    return RMSNorm(config.hidden_size, config.rms_norm_eps) if on else None
 
 
 class Block(nn.Module):
-    """h += attn(norm h); [TTT blocks: h += MLP'(norm' h)]; h += MLP(norm h)."""
+    """h += post(attn(pre h)); [TTT blocks: h += post'(MLP'(pre' h))]; h += post(MLP(pre h)).
+
+    The pre-norms are `input_layernorm`, `fast_norm` and `post_attention_layernorm` (Llama's name
+    for the MLP's pre-norm); the post-norms (config `post_norm`, the official layout) are
+    `post_attn_norm`, `post_fast_norm` and `post_mlp_norm`.
+    """
 
     def __init__(self, config: TTTConfig, is_ttt: bool):
         super().__init__()
-        eps = config.rms_norm_eps
-        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        post = config.post_norm
+        self.input_layernorm = _norm(config)
         self.self_attn = Attention(config)
-        self.fast_norm = RMSNorm(config.hidden_size, eps) if is_ttt else None
+        self.post_attn_norm = _norm(config, post)
+        self.fast_norm = _norm(config, is_ttt)
         self.fast_mlp = FastMLP(config) if is_ttt else None
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_fast_norm = _norm(config, is_ttt and post)
+        self.post_attention_layernorm = _norm(config)
         self.mlp = MLP(config)
+        self.post_mlp_norm = _norm(config, post)
 
-    def forward(self, h, pos, past: KV | None, fast, window: int | None, block: int):
-        """-> (h, k, v of these positions); `fast`: this block's per-sample MLP' weights or None."""
-        a, k, v = self.self_attn(self.input_layernorm(h), pos, past, window, block)
-        h = h + a
+    @staticmethod
+    def _out(norm: RMSNorm | None, y: torch.Tensor) -> torch.Tensor:
+        return y if norm is None else norm(y)
+
+    def forward(self, h, rot, attend, fast):
+        """-> (h, k, v of these positions); `rot`: their RoPE tables, `attend`: the attention
+        against the keys before them, `fast`: this block's per-sample MLP' weights or None."""
+        a, k, v = self.self_attn(self.input_layernorm(h), rot, attend)
+        h = h + self._out(self.post_attn_norm, a)
         if self.fast_mlp is not None:
-            h = h + self.fast_mlp(self.fast_norm(h), fast)
-        h = h + self.mlp(self.post_attention_layernorm(h))
+            h = h + self._out(self.post_fast_norm, self.fast_mlp(self.fast_norm(h), fast))
+        h = h + self._out(self.post_mlp_norm, self.mlp(self.post_attention_layernorm(h)))
         return h, k, v
 
 
@@ -298,16 +295,44 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
                    clip=c.inner_grad_clip or None, first_order=c.first_order, recompute=c.recompute)
 
     def initial_fast_weights(self, batch_size: int, outer_grad: bool) -> list[tuple[torch.Tensor, ...]]:
-        """W_0 of every TTT block, one copy per sample ([B, ...] views). Leaves that require grad
-        where the outer graph is not kept (or MLP' is frozen): the inner loop needs their gradient."""
+        """W_0 of every TTT block, one copy per sample ([B, ...] views), in float32 at least: under
+        bf16 (autocast, or a model cast to bf16) the fast weights, their gradients and their SGD
+        update stay float32, as the official code keeps them; only the matmuls run in bf16. Leaves
+        that require grad where the outer graph is not kept (or MLP' is frozen): the inner loop
+        needs their gradient."""
         fast = []
         for block in self.ttt_blocks:
             ws = []
             for w in block.fast_mlp.weights():
-                w_b = w.expand(batch_size, *w.shape)
+                w_b = w.to(torch.promote_types(w.dtype, torch.float32)).expand(batch_size, *w.shape)
                 ws.append(w_b if outer_grad and w.requires_grad else w_b.detach().requires_grad_())
             fast.append(tuple(ws))
         return fast
+
+    def rope_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and sin at positions pos [B or 1, t], once for every layer (float32, or the
+        parameters' dtype if wider)."""
+        c = self.config
+        dtype = torch.promote_types(self.model.embed_tokens.weight.dtype, torch.float32)
+        return rotary(pos, c.hidden_size // c.num_attention_heads, c.rope_theta, dtype)
+
+    def quarter(self) -> "TTTQuarter":
+        """The TTT blocks, the final norm and the LM head as one module (not registered: it holds
+        the model's own layers), what a chunk of the inner loop runs."""
+        parts = (*self.ttt_blocks, self.model.norm, self.lm_head)
+        held = self.__dict__.get("_quarter")
+        if held is None or held.parts != parts:
+            held = self.__dict__["_quarter"] = TTTQuarter(self.ttt_blocks, self.model.norm, self.lm_head)
+        return held
+
+    @property
+    def fast(self):
+        """The fast path (`testtime.ttt.fast.FastPath`) of this model, made on first use."""
+        if "_fast" not in self.__dict__:
+            from testtime.ttt.fast import FastPath
+
+            self.__dict__["_fast"] = FastPath(self)
+        return self.__dict__["_fast"]
 
     # --- forward -------------------------------------------------------------------------------
 
@@ -315,16 +340,21 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
                 labels: torch.LongTensor | None = None, cache: TTTCache | None = None,
                 use_cache: bool | None = None, return_dict: bool | None = None, ttt: bool | None = None,
                 inner_lr: float | None = None, chunk_size: int | None = None, inner_steps: int | None = None,
-                return_ttt_stats: bool = False, **unused):
+                return_ttt_stats: bool = False, logits_to_keep: int = 0, **unused):
         """Logits (and the loss against `labels`) with the inner loop run over the sequence.
 
         With a `cache` (from a previous call with use_cache=True) the tokens continue that state
         one at a time (decoding); `attention_mask` is then ignored. The inner loop needs gradients
         even when the caller turned them off (generate's no_grad, Lightning's inference_mode): it
         runs with them on, and keeps no outer graph unless the caller had grad enabled.
+        `logits_to_keep` (as Hugging Face models): 0 returns the logits of every position, N > 0
+        those of the last N columns only (what `generate` asks for: a long prefill then holds no
+        [T, vocabulary] tensor); the loss always covers every labelled position.
         """
         if any(v for v in unused.values()):
             raise TypeError(f"TTTForCausalLM.forward does not support {sorted(k for k, v in unused.items() if v)}")
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position), got {logits_to_keep!r}")
         run = self.run_settings(ttt, inner_lr, chunk_size, inner_steps)
         outer_grad = torch.is_grad_enabled()
         with torch.inference_mode(False):
@@ -336,11 +366,11 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
                 out = TTTCausalLMOutput(logits=decode(self, cache, input_ids, run), cache=cache)
             else:
                 out = self._forward_sequence(input_ids, attention_mask, labels, run, outer_grad,
-                                             bool(use_cache), return_ttt_stats)
+                                             bool(use_cache), return_ttt_stats, logits_to_keep)
         return out if return_dict is not False else out.to_tuple()
 
     def _forward_sequence(self, input_ids, attention_mask, labels, run: Run, outer_grad: bool,
-                          use_cache: bool, stats: bool) -> TTTCausalLMOutput:
+                          use_cache: bool, stats: bool, logits_to_keep: int) -> TTTCausalLMOutput:
         B, T = input_ids.shape
         device = input_ids.device
         cols = torch.arange(T, device=device)
@@ -366,20 +396,25 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         # inner targets: the next token of the sequence itself (what decoding sees), padding excluded
         next_ids = torch.cat([input_ids[:, 1:], input_ids.new_full((B, 1), IGNORE_INDEX)], 1)
         next_ids = next_ids.masked_fill(~torch.cat([valid[:, 1:], valid.new_zeros(B, 1)], 1), IGNORE_INDEX)
-        pos = cols[None]
+        keep = _kept(logits_to_keep if labels is None else 0, shift, T)
         keep_from = None
         if use_cache:
             if int(lengths.min()) == 0:
                 raise ValueError("use_cache needs at least one real token per row; some attention_mask rows are all 0")
             keep_from = TTTCache.first_kept_position(int(lengths.min()), T, run)
+        fast_path = self.fast.choose(run, device, outer_grad, stats, T)
 
         # 2. The lower blocks never change: once over the whole sequence.
+        pos = cols[None]
         layer_kv = []
         with torch.set_grad_enabled(outer_grad):
             h = self.model.embed_tokens(input_ids)
+            rot = self.rope_tables(pos)
+            attend = (fast_path.sequence_attend(T, run, device) if fast_path else None) or \
+                attend_past(pos, None, run.window, run.chunk_size)
             recompute = run.recompute and outer_grad
             for block in self.model.layers[: self.num_lower]:
-                args = (h, pos, None, None, run.window, run.chunk_size)
+                args = (h, rot, attend, None)
                 h, k, v = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
                 if use_cache:
                     layer_kv.append((k[:, :, keep_from:], v[:, :, keep_from:]))
@@ -388,16 +423,17 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         # 3. The TTT blocks: chunk by chunk with the inner loop, or once like the others (TTT off).
         out = {}
         if run.ttt:
-            logits, fast, ttt_kv, out = scan_chunks(self, h, next_ids, lengths, max_len, run, outer_grad,
-                                                    keep_from, stats)
+            scan = fast_path.scan if fast_path else scan_chunks
+            logits, fast, ttt_kv, out = scan(self, h, next_ids, lengths, max_len, run, outer_grad, keep_from,
+                                             stats, keep[:2])
             layer_kv += ttt_kv
         else:
             with torch.set_grad_enabled(outer_grad):
                 for block in self.ttt_blocks:
-                    h, k, v = block(h, pos, None, None, run.window, run.chunk_size)
+                    h, k, v = block(h, rot, attend, None)
                     if use_cache:
                         layer_kv.append((k[:, :, keep_from:], v[:, :, keep_from:]))
-                logits = self.lm_head(self.model.norm(h))
+                logits = self.lm_head(self.model.norm(h[:, keep[0]:keep[1]]))
             fast = self.initial_fast_weights(B, outer_grad=False)
 
         loss = None
@@ -407,7 +443,53 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         if use_cache:
             cache = TTTCache.from_prefill(layer_kv, keep_from, h_ttt.detach(), input_ids, lengths, fast, run,
                                           has_ttt_blocks=self.config.num_ttt_layers > 0)
-        if shift is not None:  # back to the caller's layout
-            back = (cols[None] - shift[:, None]) % T
-            logits = logits.gather(1, back[..., None].expand(-1, -1, logits.shape[-1]))
+        logits = _to_caller_layout(logits, keep, shift, T, logits_to_keep)
         return TTTCausalLMOutput(loss=loss, logits=logits, cache=cache, **out)
+
+
+class TTTQuarter(nn.Module):
+    """What the inner loop runs on a chunk: the TTT blocks, the final norm and the LM head."""
+
+    def __init__(self, blocks: list[Block], norm: RMSNorm, lm_head: nn.Linear):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm
+        self.lm_head = lm_head
+        self.parts = (*blocks, norm, lm_head)
+
+    def forward(self, x, rot, attends, fast):
+        """x [B, t, H]: the chunk's output of the lower blocks; `attends`: per TTT block the
+        attention against its keys before the chunk; `fast`: per TTT block its (w_gate, w_up,
+        w_down). -> (logits [B, t, V], [(k, v)] per TTT block)."""
+        h, kvs = x, []
+        for block, attend, f in zip(self.blocks, attends, fast):
+            h, k, v = block(h, rot, attend, f)
+            kvs.append((k, v))
+        return self.lm_head(self.norm(h)), kvs
+
+
+def _kept(logits_to_keep: int, shift: torch.Tensor | None, T: int) -> tuple[int, int, torch.Tensor | None]:
+    """(lo, hi, index): the internal (real-tokens-first) positions [lo, hi) whose logits are needed
+    for the last `logits_to_keep` columns of the caller's layout (0: all), and per row the index
+    into them (None: the last hi - lo as they are)."""
+    if not logits_to_keep or logits_to_keep >= T:
+        return 0, T, None
+    if shift is None:
+        return T - logits_to_keep, T, None
+    columns = torch.arange(T - logits_to_keep, T, device=shift.device)
+    index = (columns[None] - shift[:, None]) % T
+    lo, hi = int(index.min()), int(index.max()) + 1
+    return lo, hi, index - lo
+
+
+def _to_caller_layout(logits, keep, shift, T: int, logits_to_keep: int) -> torch.Tensor:
+    """The kept logits [B, hi - lo, V] back in the caller's layout: every column (logits_to_keep
+    0) or its last logits_to_keep."""
+    lo, hi, index = keep
+    V = logits.shape[-1]
+    if index is not None:
+        return logits.gather(1, index[..., None].expand(-1, -1, V))
+    if shift is not None:  # every position, rows moved back
+        cols = torch.arange(T, device=logits.device)
+        logits = logits.gather(1, ((cols[None] - shift[:, None]) % T)[..., None].expand(-1, -1, V))
+    return logits[:, -logits_to_keep:] if logits_to_keep else logits

@@ -1,0 +1,145 @@
+"""TTT-E2E's fast path (testtime/ttt/fast.py) against the plain path it replaces.
+
+On a CPU the fast path runs the same fixed-shape code as on a GPU (rolled key windows, the chunk
+step's forward, inner gradient and update, the in-place decode step), with SDPA masks instead of
+FlexAttention and without torch.compile or CUDA graphs (benchmarks/ttt.py checks those on the GPU
+before timing them). Every comparison is in float64, so any difference is a different function.
+`TESTTIME_TTT_COMPILE=1` also runs the compiled graphs here (inductor on the CPU: minutes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from testtime.lm import left_pad
+from tests.test_ttt import PAD, tiny, tokens
+
+
+def both(model, fn):
+    """fn() on the plain path, then on the fast path."""
+    model.config.fast_path = "off"
+    plain = fn()
+    model.config.fast_path = "on"
+    try:
+        return plain, fn()
+    finally:
+        model.config.fast_path = "off"
+
+
+@pytest.mark.parametrize("lengths", [(7,), (22, 13), (30, 30)])  # within the window; padded; chunks past it
+def test_prefill_logits_cache_and_kept_logits_equal_the_plain_path(lengths):
+    model = tiny()
+    ids, mask = left_pad(tokens(*lengths), PAD)
+
+    def prefill():
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, use_cache=True)
+            kept = model(ids, attention_mask=mask, logits_to_keep=3).logits
+            steps = model(ids, attention_mask=mask, inner_steps=2, inner_lr=0.5).logits
+        return out, kept, steps
+
+    (plain, plain_kept, plain_steps), (fast, fast_kept, fast_steps) = both(model, prefill)
+    assert model.fast.failed is None
+    torch.testing.assert_close(fast.logits, plain.logits, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast_kept, plain_kept, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast_steps, plain_steps, rtol=0, atol=1e-10)
+    for layer_fast, layer_plain in zip(fast.cache.fast, plain.cache.fast):  # the weights after the last chunk
+        for w_fast, w_plain in zip(layer_fast, layer_plain):
+            torch.testing.assert_close(w_fast, w_plain, rtol=0, atol=1e-10)
+    occupied = plain.cache.slot_pos >= 0
+    assert torch.equal(fast.cache.slot_pos, plain.cache.slot_pos)
+    for k_fast, k_plain in zip(fast.cache.keys, plain.cache.keys):
+        torch.testing.assert_close(k_fast.transpose(1, 2)[occupied], k_plain.transpose(1, 2)[occupied],
+                                   rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_meta_gradient_equals_the_plain_path(first_order):
+    model = tiny(first_order=first_order).train()
+    ids, mask = left_pad(tokens(23, 17), PAD)
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def gradient():
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+    (loss, grads), (fast_loss, fast_grads) = both(model, gradient)
+    assert model.fast.failed is None
+    torch.testing.assert_close(fast_loss, loss, rtol=0, atol=1e-12)
+    for g_fast, g in zip(fast_grads, grads):
+        torch.testing.assert_close(g_fast, g, rtol=0, atol=1e-10)
+
+
+def test_decoding_equals_the_plain_path_across_updates_of_different_samples():
+    model = tiny()
+    ids, mask = left_pad(tokens(5, 11, 8), PAD)  # each sample reaches its chunk boundaries at other steps
+
+    def decode():
+        with torch.no_grad():
+            sequences = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=None)
+            out = model(ids, attention_mask=mask, use_cache=True)
+            logits = [model(sequences[:, ids.shape[1] + j:ids.shape[1] + j + 1], cache=out.cache).logits
+                      for j in range(30)]
+        return sequences, torch.cat(logits, 1), out.cache
+
+    (sequences, logits, cache), (fast_sequences, fast_logits, fast_cache) = both(model, decode)
+    assert torch.equal(fast_sequences, sequences)
+    torch.testing.assert_close(fast_logits, logits, rtol=0, atol=1e-10)
+    assert fast_cache.pos_host == cache.pos_host == cache.pos.tolist()
+    for layer_fast, layer_plain in zip(fast_cache.fast, cache.fast):
+        for w_fast, w_plain in zip(layer_fast, layer_plain):
+            torch.testing.assert_close(w_fast, w_plain, rtol=0, atol=1e-10)
+
+
+def test_under_bf16_autocast_the_fast_path_stays_within_bf16_of_the_plain_one():
+    model = tiny(dtype=torch.float32)
+    ids = torch.stack(tokens(26, 26))
+
+    def prefill():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, use_cache=True)
+        return out.logits.float(), out.cache
+
+    (plain, plain_cache), (fast, fast_cache) = both(model, prefill)
+    assert fast_cache.keys[0].dtype == plain_cache.keys[0].dtype == torch.bfloat16
+    assert fast_cache.fast[0][0].dtype == torch.float32
+    assert ((fast - plain).norm() / plain.norm()).item() < 2e-2
+
+
+def test_settings_it_cannot_take_run_the_plain_path_and_say_so(caplog):
+    model = tiny()
+    ids = tokens(18)[0][None]
+    with torch.no_grad():
+        plain = model(ids, return_ttt_stats=True)
+        model.config.fast_path = "on"
+        with caplog.at_level(logging.INFO, logger="testtime.ttt.fast"):
+            fast = model(ids, return_ttt_stats=True)
+            model(ids, return_ttt_stats=True)
+    assert torch.equal(fast.ttt_loss_before, plain.ttt_loss_before)
+    said = [r.message for r in caplog.records if "return_ttt_stats" in r.message]
+    assert len(said) == 1  # one line per reason, not one per call
+    with pytest.raises(ValueError, match="fast_path"):
+        tiny(fast_path="fastest")
+
+
+@pytest.mark.skipif(os.environ.get("TESTTIME_TTT_COMPILE") != "1", reason="set TESTTIME_TTT_COMPILE=1: minutes")
+def test_compiled_graphs_on_the_cpu_equal_the_plain_path():
+    model = tiny(dtype=torch.float32, first_order=False).train()
+    ids = torch.stack(tokens(23, 23))
+
+    def run():
+        with torch.no_grad():
+            logits = model(ids).logits
+        loss = model(ids, labels=ids).loss
+        return logits, loss, torch.autograd.grad(loss, list(model.parameters()))
+
+    (logits, loss, grads), (fast_logits, fast_loss, fast_grads) = both(model, run)
+    assert model.fast.failed is None
+    torch.testing.assert_close(fast_logits, logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(fast_loss, loss, rtol=0, atol=1e-5)
+    for g_fast, g in zip(fast_grads, grads):
+        torch.testing.assert_close(g_fast, g, rtol=0, atol=1e-4)
