@@ -7,6 +7,9 @@ default), for `python cli.py validate` with `TTTModule`:
   (`testtime.ttt.evaluation.repeated_passage_documents`); labels on the second copy only. Sliding
   attention cannot see the first copy from the second, so the drop of its loss from TTT off to TTT
   on is what the fast weights remembered.
+- "control" (`control_documents`): each "repeat" document with its first copy replaced by an
+  unrelated passage of the same length: the same gap and final passage, so TTT's drop on the
+  repeat beyond its drop on the control is what the fast weights remembered.
 - "long": `long_tokens` consecutive tokens of real text; the module scores the positions beyond
   its window.
 
@@ -43,6 +46,7 @@ class MemoryTestDataModule(TokenizerDataModule):
             fifth of the documents are held out for each of "val" and "test").
         split: the held-out split the documents are cut from ("val" or "test").
         num_documents: "repeat" documents.
+        control_documents: also the "control" of each (the same count).
         passage_tokens: tokens of the repeated passage.
         gap_tokens: tokens between the two copies; must exceed the model's window (the module checks).
         long_documents: "long" documents of real text (0: none).
@@ -60,6 +64,7 @@ class MemoryTestDataModule(TokenizerDataModule):
         cache: bool = True,
         split: str = "val",
         num_documents: int = 32,
+        control_documents: bool = True,
         passage_tokens: int = 64,
         gap_tokens: int = 640,
         long_documents: int = 0,
@@ -99,6 +104,10 @@ class MemoryTestDataModule(TokenizerDataModule):
         tokens = self.text.datasets[hp.split].tokens
         documents = repeated_passage_documents(tokens, hp.num_documents, hp.passage_tokens, hp.gap_tokens, hp.seed)
         docs = [{**d, "memory_kind": "repeat"} for d in documents]
+        if hp.control_documents:
+            controls = repeated_passage_documents(tokens, hp.num_documents, hp.passage_tokens, hp.gap_tokens, hp.seed,
+                                                  control=True)
+            docs += [{**d, "memory_kind": "control"} for d in controls]
         if hp.long_documents:
             usable = len(tokens) // hp.long_tokens
             if usable < hp.long_documents:
@@ -108,16 +117,16 @@ class MemoryTestDataModule(TokenizerDataModule):
                 ids = torch.tensor(tokens[i * hp.long_tokens:(i + 1) * hp.long_tokens], dtype=torch.long)
                 docs.append({"input_ids": ids, "labels": ids.clone(), "memory_kind": "long"})
         self.documents = docs
-        log.info("memory test: %d repeat documents (%d + %d + %d tokens) and %d long documents of %d tokens from "
+        log.info("memory test: %d repeat documents (%d + %d + %d tokens)%s and %d long documents of %d tokens from "
                  "the %s split", hp.num_documents, hp.passage_tokens, hp.gap_tokens, hp.passage_tokens,
-                 hp.long_documents, hp.long_tokens, hp.split)
+                 " with their controls" if hp.control_documents else "", hp.long_documents, hp.long_tokens, hp.split)
 
     def _memory_loader(self) -> DataLoader:
         """One loader; a batch holds documents of one kind (their lengths differ)."""
         if not self.documents:
             self.setup()
         batches = []
-        for kind in ("repeat", "long"):
+        for kind in ("repeat", "control", "long"):
             docs = [d for d in self.documents if d["memory_kind"] == kind]
             size = self.hparams.batch_size
             batches += [_collate(docs[i:i + size]) for i in range(0, len(docs), size)]

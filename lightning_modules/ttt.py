@@ -35,7 +35,7 @@ from testtime.errors import UsageError
 from testtime.io import new_figure
 from testtime.loading import folder_model_type, load_tokenizer, resolve
 from testtime.ttt import TTTConfig, TTTForCausalLM
-from testtime.ttt.evaluation import bucket_name, bucket_sums, position_buckets, token_losses
+from testtime.ttt.evaluation import bucket_name, bucket_sums, memory_share, position_buckets, token_losses
 from testtime.ttt.outer import outer_lr_factor, outer_optimizer
 
 # the paper's TTT settings; None in the module's arguments means these (or the loaded folder's)
@@ -282,18 +282,29 @@ class TTTModule(TesttimeModule):
         rows, points = [], {}
         lines = ["| model | documents | inner lr | chunk | steps | pre (TTT off) | post (TTT on) | reduction |",
                  "|---|---|---:|---:|---:|---:|---:|---:|"]
-        for name, kind in itertools.product(("base", "adapter"), ("repeat", "long")):
+        shares = ["", "| model | inner lr | chunk | steps | TTT's drop, repeat | TTT's drop, control | share of the "
+                      "drop from memory |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, kind in itertools.product(("base", "adapter"), ("repeat", "control", "long")):
             pre = means.get(f"memory_{name}_{kind}_pre")
             if pre is None:
                 continue
             for lr, b, steps in self.memory_grid():
                 post = means[f"memory_{name}_{kind}_post_lr{lr:g}_b{b}_s{steps}"]
                 reduction = (pre - post) / pre
-                rows.append({"model": name, "kind": kind, "inner_lr": lr, "chunk_size": b, "inner_steps": steps,
-                             "pre": pre, "post": post, "reduction": reduction})
+                row = {"model": name, "kind": kind, "inner_lr": lr, "chunk_size": b, "inner_steps": steps,
+                       "pre": pre, "post": post, "reduction": reduction}
                 lines.append(f"| {name} | {kind} | {lr:g} | {b} | {steps} | {pre:.4f} | {post:.4f} | "
                              f"{reduction:+.2%} |")
                 points.setdefault((name, kind, b, steps), []).append((lr, reduction))
+                repeat = means.get(f"memory_{name}_repeat_post_lr{lr:g}_b{b}_s{steps}")
+                if kind == "control" and repeat is not None:
+                    pre_repeat = means[f"memory_{name}_repeat_pre"]
+                    row["memory_share"] = memory_share(pre_repeat, repeat, pre, post)
+                    shares.append(f"| {name} | {lr:g} | {b} | {steps} | {pre_repeat - repeat:+.4f} | {pre - post:+.4f} | "
+                                  f"{row['memory_share']:.1%} |")
+                rows.append(row)
+        if len(shares) > 3:
+            lines += shares
         fig, (ax,) = new_figure()
         for (name, kind, b, steps), pts in sorted(points.items()):
             ax.plot(*zip(*sorted(pts)), "o-", label=f"{name}, {kind}, b={b}, steps={steps}")

@@ -4,6 +4,7 @@ predict)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -60,8 +61,13 @@ def test_memory_documents_repeat_the_passage_beyond_the_gap():
         assert (labels[:27] == IGNORE_INDEX).all() and torch.equal(labels[27:], ids[27:])  # second copy, 1st excepted
     again = repeated_passage_documents(tokens, num_documents=5, passage_tokens=6, gap_tokens=20, seed=1)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(docs, again))
+    controls = repeated_passage_documents(tokens, num_documents=5, passage_tokens=6, gap_tokens=20, seed=1,
+                                          control=True)
+    for doc, ctrl in zip(docs, controls):  # same gap, final passage and labels; another first passage
+        assert torch.equal(ctrl["input_ids"][6:], doc["input_ids"][6:]) and torch.equal(ctrl["labels"], doc["labels"])
+        assert not torch.equal(ctrl["input_ids"][:6], doc["input_ids"][:6])
     with pytest.raises(ValueError, match="needs at least"):
-        repeated_passage_documents(tokens[:40], 1, passage_tokens=6, gap_tokens=20)
+        repeated_passage_documents(tokens[:60], 1, passage_tokens=6, gap_tokens=20)
 
 
 def test_outer_schedule_warms_up_then_decays_to_the_floor(tiny_model_dir):
@@ -140,8 +146,13 @@ def test_cli_fit_validate_memory_export_predict(run_cli, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(next(root.rglob("memory_results.json")).read_text())["rows"]
     assert {(r["kind"], r["inner_lr"], r["chunk_size"]) for r in rows} == {
-        (k, lr, b) for k in ("repeat", "long") for lr in (0.1, 1.0) for b in (4, 8)}
+        (k, lr, b) for k in ("repeat", "control", "long") for lr in (0.1, 1.0) for b in (4, 8)}
     assert all(r["reduction"] == pytest.approx((r["pre"] - r["post"]) / r["pre"]) for r in rows)
+    by = {(r["kind"], r["inner_lr"], r["chunk_size"]): r for r in rows}
+    for lr, b in itertools.product((0.1, 1.0), (4, 8)):
+        repeat, control = by["repeat", lr, b], by["control", lr, b]
+        assert control["memory_share"] == pytest.approx(
+            ((repeat["pre"] - repeat["post"]) - (control["pre"] - control["post"])) / (repeat["pre"] - repeat["post"]))
 
     export = tmp_path / "export"
     out = run_cli("export", *common, f"--ckpt_path={ckpt}", f"--output_dir={export}")

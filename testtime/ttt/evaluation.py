@@ -58,31 +58,51 @@ def bucket_sums(loss: torch.Tensor, counted: torch.Tensor,
 
 
 def repeated_passage_documents(tokens: np.ndarray, num_documents: int, passage_tokens: int, gap_tokens: int,
-                               seed: int = 0) -> list[dict[str, torch.Tensor]]:
+                               seed: int = 0, control: bool = False) -> list[dict[str, torch.Tensor]]:
     """Memory-test documents `passage + gap + passage` cut from a token stream, with labels on the
     second copy only (its first token excepted: nothing announces that the copy begins).
 
     The passage and the gap come from different random places of `tokens`, so the gap is real text
-    unrelated to the passage. Deterministic given `seed`.
+    unrelated to the passage. Deterministic given `seed`. `control=True` gives the control of each
+    document instead: `other + gap + passage`, the same gap and final passage (and labels) after
+    an unrelated passage of the same length. With the gap beyond the window, attention alone sees
+    the same context for the labelled tokens in both, so what TTT lowers on the repeat and not on
+    the control is what the fast weights remembered of the first copy.
     """
     need = passage_tokens + gap_tokens
     if passage_tokens < 2 or gap_tokens < 1:
         raise ValueError(f"passage_tokens must be >= 2 and gap_tokens >= 1, got {passage_tokens} and {gap_tokens}")
-    if len(tokens) < 2 * need:
+    if len(tokens) < 3 * need:
         raise ValueError(f"the token stream holds {len(tokens)} tokens; the memory test needs at least "
-                         f"{2 * need} (passage_tokens {passage_tokens} + gap_tokens {gap_tokens}, twice)")
+                         f"{3 * need} (passage_tokens {passage_tokens} + gap_tokens {gap_tokens}, three times)")
     rng = np.random.default_rng(seed)
+    piece = lambda start, n: torch.tensor(np.asarray(tokens[start:start + n]), dtype=torch.long)
     documents = []
     for _ in range(num_documents):
         p = int(rng.integers(0, len(tokens) - passage_tokens))
         g = int(rng.integers(0, len(tokens) - gap_tokens))
         while abs(g - p) < need:  # the gap must not contain the passage itself
             g = int(rng.integers(0, len(tokens) - gap_tokens))
-        passage = torch.tensor(np.asarray(tokens[p:p + passage_tokens]), dtype=torch.long)
-        gap = torch.tensor(np.asarray(tokens[g:g + gap_tokens]), dtype=torch.long)
-        ids = torch.cat([passage, gap, passage])
+        o = int(rng.integers(0, len(tokens) - passage_tokens))
+        while abs(o - p) < need or abs(o - g) < need:  # the other passage overlaps neither
+            o = int(rng.integers(0, len(tokens) - passage_tokens))
+        passage = piece(p, passage_tokens)
+        first = piece(o, passage_tokens) if control else passage
+        ids = torch.cat([first, piece(g, gap_tokens), passage])
         labels = torch.full_like(ids, IGNORE_INDEX)
         second = need + 1
         labels[second:] = ids[second:]
         documents.append({"input_ids": ids, "labels": labels})
     return documents
+
+
+def memory_share(pre_repeat: float, post_repeat: float, pre_control: float, post_control: float) -> float:
+    """The share of TTT's loss reduction on the repeated passage that it does not also give on the
+    control: 1 - (pre_control - post_control) / (pre_repeat - post_repeat), "pre" with TTT off and
+    "post" with it on. TTT lowers the loss on any text (the control measures that); what it lowers
+    more on the repeat is what the fast weights remembered of the first copy. (Attention alone
+    sees a little of the first copy too: each token's window does not reach it, but stacked
+    sliding-window layers reach L x (window - 1) back; that part is in both "pre" losses and
+    cancels.)"""
+    reduction = pre_repeat - post_repeat
+    return 1 - (pre_control - post_control) / reduction if reduction else float("nan")
