@@ -32,6 +32,11 @@ LLAMA_CONFIGS = {
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
                         max_position_embeddings=131072, rms_norm_eps=1e-5),
+    # the shape of TTT-E2E's 125M model without TTT blocks (12 layers, 768 wide, MLP 2048, vocabulary
+    # 32,000, RoPE theta 5e5): the plain transformer its decoding is compared with
+    "ttt-125m-twin": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                          num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=True, rope_theta=500000.0,
+                          max_position_embeddings=262144, rms_norm_eps=1e-6),
     # CPU smoke tests
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, rope_theta=10000.0,

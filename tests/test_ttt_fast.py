@@ -143,3 +143,37 @@ def test_compiled_graphs_on_the_cpu_equal_the_plain_path():
     torch.testing.assert_close(fast_loss, loss, rtol=0, atol=1e-5)
     for g_fast, g in zip(fast_grads, grads):
         torch.testing.assert_close(g_fast, g, rtol=0, atol=1e-4)
+
+
+def test_flexattention_masks_equal_the_plain_masks():
+    """The GPU's kernel choices, in their forward (a CPU runs FlexAttention unfused, without a
+    backward): the sliding-window block mask of a sequence, and a chunk's band with its score_mod
+    for the slots before position 0, against SDPA with the plain masks."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from testtime.ttt.attention import attention, sequence_block_mask, window_block_mask
+    from testtime.ttt.fast import chunk_logits
+
+    torch.manual_seed(0)
+    T, W = 300, 100
+    q, k, v = (torch.randn(1, 2, T, 8, dtype=torch.float64) for _ in range(3))
+    pos = torch.arange(T)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(flex_attention(q, k, v, block_mask=sequence_block_mask(T, W, q.device)),
+                                   attention(q, k, v, pos, pos, W, 64), rtol=0, atol=1e-12)
+    model = tiny(window_size=16, chunk_size=8)
+    quarter = model.quarter()
+    params = {n: p.detach() for n, p in quarter.named_parameters()}
+    B, b, W = 2, 8, 16
+    x = torch.randn(B, b, model.config.hidden_size, dtype=torch.float64)
+    windows = [tuple(torch.randn(B, 2, W, 8, dtype=torch.float64) for _ in "kv") for _ in model.ttt_blocks]
+    fast = model.initial_fast_weights(B, outer_grad=False)
+    rope = (8, model.config.rope_theta, torch.float64)
+    for start in (0, 8, 16, 40):  # windows empty, half full, full, long past
+        positions = torch.arange(start, start + b)[None]
+        first_valid = torch.full((B,), W - start) if start < W else None
+        with torch.no_grad():
+            sdpa, _ = chunk_logits(quarter, params, x, positions, windows, first_valid, fast, "sdpa", None, rope)
+            flex, _ = chunk_logits(quarter, params, x, positions, windows, first_valid, fast, "flex",
+                                   window_block_mask(b, W, x.device), rope)
+        torch.testing.assert_close(flex, sdpa, rtol=0, atol=1e-12)

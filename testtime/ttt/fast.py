@@ -115,35 +115,38 @@ def _roll(window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return torch.cat([window[:, :, new.shape[2]:], new], 2)
 
 
-def decode_token(model, cache, token, ttt: bool):
-    """One token [B, 1] at every sample's next position through every layer, written into the
-    cache's ring (its oldest slot, outside every window) before attending over the ring, so
-    attention needs no concatenation -> logits [B, 1, V]. In place on the cache: what a CUDA
-    graph captures."""
-    b, W, C = cache.chunk_size, cache.window, cache.capacity
+def decode_token(model, token, pos, slot_pos, keys, values, fast, pending_h, pending_ids, chunk: int, window: int):
+    """One token [B, 1] at every sample's next position `pos` [B] through every layer, on a cache's
+    tensors (`TTTCache`; `fast` None: TTT off): its keys go into the ring (the oldest slot, outside
+    every window) before attention reads the ring, so no concatenation -> logits [B, 1, V]. In
+    place on those tensors: what a CUDA graph captures."""
     rows = torch.arange(token.shape[0], device=token.device)
-    pos = cache.pos
-    slot = pos % C
-    cache.slot_pos[rows, slot] = pos
-    mask = visible(pos[:, None], cache.slot_pos, W)
+    slot = pos % slot_pos.shape[1]
+    slot_pos[rows, slot] = pos
+    mask = visible(pos[:, None], slot_pos, window)
     rot = model.rope_tables(pos[:, None])
     h = model.model.embed_tokens(token)
     for i, block in enumerate(model.model.layers):
-        if i == model.num_lower and cache.pending_h is not None:
-            cache.pending_h[rows, pos % b] = h[:, 0].to(cache.pending_h.dtype)
-        keys, values = cache.keys[i], cache.values[i]
+        if i == model.num_lower and pending_h is not None:
+            pending_h[rows, pos % chunk] = h[:, 0].to(pending_h.dtype)
+        ring_k, ring_v = keys[i], values[i]
 
-        def attend(q, k, v, keys=keys, values=values):
-            keys[rows, :, slot] = k[:, :, 0]
-            values[rows, :, slot] = v[:, :, 0]
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        def attend(q, k, v, ring_k=ring_k, ring_v=ring_v):
+            ring_k[rows, :, slot] = k[:, :, 0]
+            ring_v[rows, :, slot] = v[:, :, 0]
+            return F.scaled_dot_product_attention(q, ring_k, ring_v, attn_mask=mask)
 
-        fast = cache.fast[i - model.num_lower] if ttt and i >= model.num_lower else None
-        h = block(h, rot, attend, fast)[0]
-    if cache.pending_ids is not None:
-        cache.pending_ids[rows, pos % b] = token[:, 0]
-    cache.pos.add_(1)
+        weights = fast[i - model.num_lower] if fast is not None and i >= model.num_lower else None
+        h = block(h, rot, attend, weights)[0]
+    if pending_ids is not None:
+        pending_ids[rows, pos % chunk] = token[:, 0]
+    pos.add_(1)
     return model.lm_head(model.model.norm(h))
+
+
+def _decode_args(model, cache, token, ttt: bool) -> tuple:
+    return (model, token, cache.pos, cache.slot_pos, cache.keys, cache.values, cache.fast if ttt else None,
+            cache.pending_h, cache.pending_ids, cache.chunk_size, cache.window)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +349,7 @@ class FastPath:
                     self._update(cache, due, input_ids[:, j], run)
             token.copy_(input_ids[:, j:j + 1])
             if graph is None:
-                logits = decode_token(self.model, cache, token, run.ttt)
+                logits = decode_token(*_decode_args(self.model, cache, token, run.ttt))
             else:
                 graph.replay()
             out.append(logits.clone())
@@ -367,12 +370,12 @@ class FastPath:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                step(self.model, scratch, token, run.ttt)
+                step(*_decode_args(self.model, scratch, token, run.ttt))
         torch.cuda.current_stream().wait_stream(side)
         del scratch
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = step(self.model, cache, token, run.ttt)
+            logits = step(*_decode_args(self.model, cache, token, run.ttt))
         return graph, token, logits
 
     def _update(self, cache, due: list[bool], token, run: Run) -> None:

@@ -36,6 +36,8 @@ class TTTCache:
       the chunk in progress, slot = position mod b: what its update recomputes.
     """
 
+    is_compileable = False  # generate must not torch.compile the forward: the fast path has its own graphs
+
     def __init__(self, keys, values, slot_pos, pos, max_len, fast, pending_h, pending_ids,
                  chunk_size: int, window: int | None):
         self.keys, self.values, self.slot_pos = keys, values, slot_pos
