@@ -143,7 +143,7 @@ def check(args, device, dtype) -> list[dict]:
         if model.fast.failed:
             rows.append({"what": f"{part}: the fast path failed ({model.fast.failed})", "relative_difference": float("inf"),
                          "tolerance": 0.0, "ok": False})
-            log(f"check {part}: the fast path FAILED: {model.fast.failed}")
+            log(f"check {part}: the fast path FAILED: {model.fast.failed}\n{model.fast.failure_trace}")
         return bool(model.fast.failed)
 
     model = build(args.preset, "ttt_e2e", device, vocab_size=args.vocab)
@@ -217,7 +217,7 @@ def prefill(args, device, dtype) -> list[dict]:
                 f"tok/s  peak {row['peak_gib']}")
             dump({"prefill": rows}, args.json_partial)
         if model.fast.failed:
-            log(f"  fast path FAILED for {kind}: {model.fast.failed}")
+            log(f"  fast path FAILED for {kind}: {model.fast.failed}\n{model.fast.failure_trace}")
         model = None
     return rows
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +161,7 @@ class FastPath:
     def __init__(self, model):
         self.model = model
         self.failed: str | None = None
+        self.failure_trace: str | None = None  # the traceback of the failure, for a bug report
         self._said: set[str] = set()
         self._fns: dict = {}
         self._steppers: dict = {}
@@ -168,6 +170,12 @@ class FastPath:
         if reason not in self._said:
             self._said.add(reason)
             log.info("TTT-E2E fast path not used: %s; the plain path runs", reason)
+
+    def _fail(self, error: Exception, what: str) -> None:
+        """A compiler or kernel failure: logged once; the plain path from now on."""
+        self.failed = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        self.failure_trace = traceback.format_exc()
+        log.warning("TTT-E2E fast path%s failed (%s); the plain path runs from now on", what, self.failed)
 
     def fn(self, name: str, device: torch.device):
         """`name` of this module's pure functions, compiled on a GPU (and on a CPU if asked)."""
@@ -228,8 +236,7 @@ class FastPath:
         except Exception as error:  # a compiler or kernel failure: the plain path, from now on
             if isinstance(error, (torch.OutOfMemoryError, KeyboardInterrupt)):
                 raise
-            self.failed = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-            log.warning("TTT-E2E fast path failed (%s); the plain path runs from now on", self.failed)
+            self._fail(error, "")
             return scan_chunks(*args)
 
     def _layout(self, h):
@@ -337,8 +344,7 @@ class FastPath:
             except Exception as error:
                 if isinstance(error, (torch.OutOfMemoryError, KeyboardInterrupt)):
                     raise
-                self.failed = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-                log.warning("TTT-E2E fast decoding failed (%s); the plain path runs from now on", self.failed)
+                self._fail(error, " decoding")
                 return plain_decode(self.model, cache, input_ids, run)
         graph, token, logits = cache.graphs[key]
         out = []
