@@ -232,7 +232,8 @@ class FastPath:
         try:
             if outer_grad:
                 return self._scan_train(h, next_ids, lengths, max_len, run, keep)
-            return self._scan_prefill(h, next_ids, lengths, run, keep_from, keep)
+            with torch.enable_grad():  # the inner gradient, whatever the caller turned off
+                return self._scan_prefill(h, next_ids, lengths, run, keep_from, keep)
         except Exception as error:  # a compiler or kernel failure: the plain path, from now on
             if isinstance(error, (torch.OutOfMemoryError, KeyboardInterrupt)):
                 raise
