@@ -149,12 +149,13 @@ def check(args, device, dtype) -> list[dict]:
     model = build(args.preset, "ttt_e2e", device, vocab_size=args.vocab)
     b = model.config.chunk_size
     length = 2 * model.config.window_size  # past the window: steady chunks too
+    parts = args.check_parts
     ids = torch.randint(0, args.vocab, (1, length), device=device)
     outs = {}
-    for mode in ("off", args.fast):
+    for mode in ("off", args.fast) if "prefill" in parts else ():
         with path(model, mode), torch.no_grad(), bf16(device, dtype):
             outs[mode] = model(ids, use_cache=True, logits_to_keep=b)
-    if not failed(model, "prefill"):
+    if outs and not failed(model, "prefill"):
         record(f"prefill {length}: last {b} logits", relative(outs[args.fast].logits, outs["off"].logits), 2e-2)
         record(f"prefill {length}: fast weights after the last chunk",
                max(relative(f, p) for f, p in zip(fast_weights(outs[args.fast].cache),
@@ -163,15 +164,15 @@ def check(args, device, dtype) -> list[dict]:
     model = build(args.preset, "ttt_e2e", device, vocab_size=args.vocab)
     prompt, follow = ids[:, : 2 * b - 4], ids[:, 2 * b - 4: 2 * b + 8]
     logits = {}
-    for mode in ("off", args.fast):
+    for mode in ("off", args.fast) if "decode" in parts else ():
         with path(model, mode), torch.no_grad(), bf16(device, dtype):
             cache = model(prompt, use_cache=True, logits_to_keep=1).cache
             logits[mode] = torch.cat([model(follow[:, j:j + 1], cache=cache).logits for j in range(follow.shape[1])], 1)
-    if not failed(model, "decode"):
+    if logits and not failed(model, "decode"):
         record("decode 12 tokens across a chunk update: logits", relative(logits[args.fast], logits["off"]), 2e-2)
     # meta-gradient over the training length, second and first order
     train_ids = torch.randint(0, args.vocab, (1, args.train_len), device=device)
-    for first_order in (False, True):
+    for first_order in [o for o in (False, True) if f"train-{'first' if o else 'second'}" in parts]:
         order = "first" if first_order else "second"
         model = build(args.preset, "ttt_e2e", device, vocab_size=args.vocab, first_order=first_order).train()
         result = {}
@@ -312,7 +313,9 @@ def decode_part(args, device, dtype) -> list[dict]:
                 token = ttt(token, cache=cache).logits[:, -1:].argmax(-1)
                 sync(device)
                 steps.append(1e3 * (time.perf_counter() - start))
-        boundary = (-context) % c.chunk_size  # the step whose token opens a new chunk: it runs the update
+        # the step whose token opens a new chunk runs the update; not step 0, which also captures the
+        # new cache's decode graph
+        boundary = (-context) % c.chunk_size or c.chunk_size
         rows[-len(candidates)]["median_step_ms"] = statistics.median(steps)
         rows[-len(candidates)]["update_step_ms"] = steps[boundary]
         log(f"decode ttt_e2e after {context}: median step {statistics.median(steps):.3f} ms, the update step "
@@ -634,6 +637,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models and lengths: a smoke test on the CPU")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"speed: a comma list of {', '.join(SECTIONS)}")
+    parser.add_argument("--check-parts", default="prefill,decode,train-second,train-first",
+                        help="check: what to compare (prefill, decode, train-second, train-first)")
     parser.add_argument("--lengths", default=None, help="prefill lengths (comma list; default 2K,8K,32K,128K)")
     parser.add_argument("--plain-max", type=int, default=None, help="the longest prefill of the plain path")
     parser.add_argument("--contexts", default=None, help="decoding contexts (comma list; default 2K,32K)")
@@ -656,6 +661,7 @@ def main() -> None:
     if not args.models or set(args.models) - set(MODELS):
         parser.error(f"--models: choose from {', '.join(MODELS)}, got {args.models}")
     args.sections = [s for s in args.sections.split(",") if s]
+    args.check_parts = [s for s in args.check_parts.split(",") if s]
     if not args.sections or set(args.sections) - set(SECTIONS):
         parser.error(f"--sections: choose from {', '.join(SECTIONS)}, got {args.sections}")
     tiny = args.tiny

@@ -177,3 +177,25 @@ def test_flexattention_masks_equal_the_plain_masks():
             flex, _ = chunk_logits(quarter, params, x, positions, windows, first_valid, fast, "flex",
                                    window_block_mask(b, W, x.device), rope)
         torch.testing.assert_close(flex, sdpa, rtol=0, atol=1e-12)
+
+
+def test_an_adapter_wrapped_in_gets_new_graphs_and_the_plain_path_result():
+    """A CUDA graph holds the parameters it was captured with: the fast path keys its state on the
+    TTT quarter's modules and parameter storage, so wrapping a LoRA adapter in (or loading weights
+    by assignment) builds new state instead of replaying the old."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny()
+    ids = torch.stack(tokens(18, 18))
+    model.config.fast_path = "on"
+    with torch.no_grad():
+        model(ids)
+    before = set(model.fast._steppers)
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj", "up_proj"],
+                                               init_lora_weights=False))
+    with torch.no_grad():
+        fast = adapted(ids).logits
+        model.config.fast_path = "off"
+        plain = adapted(ids).logits
+    assert set(model.fast._steppers).isdisjoint(before)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-10)

@@ -111,6 +111,18 @@ def meta_step(quarter, params, x, pos, windows, first_valid, flat, targets, appl
     return loss, logits, kvs, new
 
 
+def _compiled(fn):
+    """torch.compile at fixed shapes, without AOTAutograd's donated buffers: the first-order scan
+    runs a chunk's compiled backward twice (the inner gradient, then the outer one)."""
+    compiled = torch.compile(fn, dynamic=False)
+
+    def call(*args, **kwargs):
+        with torch._functorch.config.patch(donated_buffer=False):
+            return compiled(*args, **kwargs)
+
+    return call
+
+
 def _roll(window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """The window after a chunk: its oldest b positions out, the chunk's b in."""
     return torch.cat([window[:, :, new.shape[2]:], new], 2)
@@ -183,8 +195,15 @@ class FastPath:
         key = (name, compiled)
         if key not in self._fns:
             raw = {"forward": chunk_loss, "update": clipped_update, "meta": meta_step, "decode": decode_token}[name]
-            self._fns[key] = torch.compile(raw, dynamic=False) if compiled else raw
+            self._fns[key] = _compiled(raw) if compiled else raw
         return self._fns[key]
+
+    def fingerprint(self) -> tuple:
+        """What a captured CUDA graph holds on to: the TTT quarter's modules and the storage of its
+        parameters. An optimizer step changes neither (it writes in place); an adapter wrapped in,
+        weights loaded by assignment or a move to another device do, and the graphs are recaptured."""
+        quarter = self.model.quarter()
+        return tuple(id(m) for m in quarter.modules()) + tuple(p.data_ptr() for p in quarter.parameters())
 
     # --- when it runs -------------------------------------------------------------------------
 
@@ -338,7 +357,7 @@ class FastPath:
         is due (the `Stepper`), then one replay of the cache's decode graph."""
         from testtime.ttt.generate import decode as plain_decode
 
-        key = ("decode", run.ttt, torch.is_autocast_enabled(input_ids.device.type))
+        key = ("decode", run.ttt, torch.is_autocast_enabled(input_ids.device.type), self.fingerprint())
         if key not in cache.graphs:
             try:
                 cache.graphs[key] = self._capture_decode(cache, run)
@@ -414,8 +433,10 @@ class FastPath:
         """The `Stepper` of these shapes and settings (made once, kept with its CUDA graphs)."""
         heads, head_dim, kv_dtype, attn, rope = self._layout(h)
         autocast = torch.is_autocast_enabled(h.device.type)
-        key = (batch, run.chunk_size, run.window, run.steps, run.clip, h.dtype, kv_dtype, h.device, autocast)
+        key = (batch, run.chunk_size, run.window, run.steps, run.clip, h.dtype, kv_dtype, h.device, autocast,
+               self.fingerprint())
         if key not in self._steppers:
+            self._steppers = {k: v for k, v in self._steppers.items() if k[-1] == key[-1]}  # stale graphs out
             self._steppers[key] = Stepper(self, batch, run, h.dtype, kv_dtype, h.device, heads, head_dim, attn, rope)
         return self._steppers[key]
 
