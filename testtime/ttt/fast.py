@@ -93,10 +93,12 @@ def chunk_loss(quarter, params, x, pos, windows, first_valid, fast, targets, att
 
 
 def meta_step(quarter, params, x, pos, windows, first_valid, flat, targets, apply, lr, clip, steps: int,
-              per_layer: int, rope: tuple):
-    """The chunk with its inner update, as one differentiable function of everything (second
-    order): `torch.func.grad` of the chunk loss, then `steps` clipped SGD steps; attention as
-    matmuls. -> (loss [B] before the update, logits, kvs, new flat fast weights)."""
+              per_layer: int, rope: tuple, first_order: bool):
+    """The chunk with its inner update, as one function of everything: `torch.func.grad` of the
+    chunk loss, then `steps` clipped SGD steps; attention as matmuls (twice differentiable).
+    Second order: the outer gradient flows through the inner one. First order (`first_order`):
+    the inner gradient is a constant of the outer graph (detached), so its compiled backward is a
+    chunk's plain backward. -> (loss [B] before the update, logits, kvs, new flat fast weights)."""
 
     def inner(weights):
         loss, logits, kvs = chunk_loss(quarter, params, x, pos, windows, first_valid, unflatten(weights, per_layer),
@@ -104,23 +106,14 @@ def meta_step(quarter, params, x, pos, windows, first_valid, flat, targets, appl
         return loss.sum(), (loss, logits, kvs)
 
     grads, (loss, logits, kvs) = torch.func.grad(inner, has_aux=True)(flat)
-    new, _ = clipped_update(flat, grads, lr, clip, apply)
-    for _ in range(steps - 1):
-        grads, _ = torch.func.grad(inner, has_aux=True)(new)
+    new = flat
+    for step in range(steps):
+        if step:
+            grads, _ = torch.func.grad(inner, has_aux=True)(new)
+        if first_order:
+            grads = [g.detach() for g in grads]
         new, _ = clipped_update(new, grads, lr, clip, apply)
     return loss, logits, kvs, new
-
-
-def _compiled(fn):
-    """torch.compile at fixed shapes, without AOTAutograd's donated buffers: the first-order scan
-    runs a chunk's compiled backward twice (the inner gradient, then the outer one)."""
-    compiled = torch.compile(fn, dynamic=False)
-
-    def call(*args, **kwargs):
-        with torch._functorch.config.patch(donated_buffer=False):
-            return compiled(*args, **kwargs)
-
-    return call
 
 
 def _roll(window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -195,7 +188,7 @@ class FastPath:
         key = (name, compiled)
         if key not in self._fns:
             raw = {"forward": chunk_loss, "update": clipped_update, "meta": meta_step, "decode": decode_token}[name]
-            self._fns[key] = _compiled(raw) if compiled else raw
+            self._fns[key] = torch.compile(raw, dynamic=False) if compiled else raw
         return self._fns[key]
 
     def fingerprint(self) -> tuple:
@@ -299,20 +292,20 @@ class FastPath:
         return torch.cat(logits, 1), fast, ttt_kv, {}
 
     def _scan_train(self, h, next_ids, lengths, max_len: int, run: Run, keep):
-        """With the outer graph: first order through the compiled forward and its backward, second
-        order through `meta_step`; the windows roll inside the graph."""
+        """With the outer graph: every chunk through `meta_step` (its inner gradient by
+        `torch.func.grad` inside one compiled graph, detached for first order), so the outer
+        backward runs each chunk's compiled backward once; the windows roll in the outer graph."""
         model = self.model
         B, device = h.shape[0], h.device
         b, W = run.chunk_size, run.window
-        heads, head_dim, kv_dtype, attn, rope = self._layout(h)
-        block_mask = window_block_mask(b, W, device) if attn == "flex" else None
+        heads, head_dim, kv_dtype, _, rope = self._layout(h)
         quarter = model.quarter()
         params = dict(quarter.named_parameters())
         fast = model.initial_fast_weights(B, outer_grad=True)
         per_layer = len(fast[0])
         windows = [(h.new_zeros(B, heads, W, head_dim, dtype=kv_dtype),) * 2 for _ in fast]
         lr = torch.tensor(run.lr, device=device)
-        forward, update = self.fn("forward", device), self.fn("update", device)
+        forward, meta = self.fn("forward", device), self.fn("meta", device)
         logits = []
         for s, e, x, targets, apply in self._chunks(h, next_ids, lengths, run):
             pos = torch.arange(s, s + b, device=device)[None]
@@ -320,22 +313,11 @@ class FastPath:
             flat = [w for layer in fast for w in layer]
             new = None
             if e >= max_len:  # the last chunk: nothing after it needs its update
-                chunk_out, kvs = forward(quarter, params, x, pos, windows, first_valid, fast, targets, attn,
-                                         block_mask, rope)[1:]
-            elif run.first_order:  # the inner gradient is a constant of the outer graph
-                loss, chunk_out, kvs = forward(quarter, params, x, pos, windows, first_valid, fast, targets, attn,
-                                               block_mask, rope)
-                new = flat
-                for step in range(run.steps):
-                    if step:
-                        loss = forward(quarter, params, x, pos, windows, first_valid, unflatten(new, per_layer),
-                                       targets, attn, block_mask, rope)[0]
-                    grads = torch.autograd.grad(loss.sum(), new, retain_graph=True)
-                    new, _ = update(new, [g.detach() for g in grads], lr, run.clip, apply)
+                chunk_out, kvs = forward(quarter, params, x, pos, windows, first_valid, fast, targets, "math", None,
+                                         rope)[1:]
             else:
-                _, chunk_out, kvs, new = self.fn("meta", device)(quarter, params, x, pos, windows, first_valid, flat,
-                                                                 targets, apply, lr, run.clip, run.steps, per_layer,
-                                                                 rope)
+                _, chunk_out, kvs, new = meta(quarter, params, x, pos, windows, first_valid, flat, targets, apply, lr,
+                                              run.clip, run.steps, per_layer, rope, run.first_order)
             if s < keep[1] and e > keep[0]:
                 logits.append(chunk_out[:, max(keep[0] - s, 0):min(keep[1], e) - s])
             windows = [(_roll(pk, k), _roll(pv, v)) for (pk, pv), (k, v) in zip(windows, kvs)]
