@@ -236,10 +236,13 @@ def busy_share(model, ids, device, dtype) -> dict:
             model(ids, logits_to_keep=1)
             sync(device)
             wall = time.perf_counter() - start
-    intervals = []
+    intervals, by_name = [], {}
     for event in prof.profiler.kineto_results.events():
         if event.device_type() == torch.autograd.DeviceType.CUDA and event.name() not in ("Memset", "Memcpy"):
             intervals.append((event.start_ns(), event.start_ns() + event.duration_ns()))
+            total, count = by_name.get(event.name(), (0, 0))
+            by_name[event.name()] = (total + event.duration_ns(), count + 1)
+    top = sorted(by_name.items(), key=lambda item: -item[1][0])[:15]
     intervals.sort()
     busy, end = 0, None
     for s, e in intervals:
@@ -250,7 +253,8 @@ def busy_share(model, ids, device, dtype) -> dict:
             busy += e - end
             end = e
     return {"kernels": len(intervals), "kernel_seconds": busy / 1e9, "wall_seconds": wall,
-            "busy_share": busy / 1e9 / wall, "first": intervals[0][0] if intervals else None}
+            "busy_share": busy / 1e9 / wall,
+            "top_kernels": [{"name": name[:120], "seconds": t / 1e9, "launches": n} for name, (t, n) in top]}
 
 
 def profile_part(args, device, dtype) -> dict:
@@ -258,7 +262,9 @@ def profile_part(args, device, dtype) -> dict:
     ids = torch.randint(0, args.vocab, (1, args.profile_len), device=device)
     result = {"tokens": args.profile_len, **busy_share(model, ids, device, dtype)}
     log(f"profile {args.profile_len}: kernels busy {result['kernel_seconds']:.3f} s of {result['wall_seconds']:.3f} s "
-        f"wall ({result['busy_share']:.1%}), {result['kernels']} kernels")
+        f"wall ({result['busy_share']:.1%}), {result['kernels']} kernels; the most time:")
+    for k in result["top_kernels"]:
+        log(f"  {k['seconds'] * 1e3:8.2f} ms {k['launches']:6d} x  {k['name']}")
     return result
 
 
