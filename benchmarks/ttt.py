@@ -141,8 +141,8 @@ def check(args, device, dtype) -> list[dict]:
 
     def failed(model, part) -> bool:
         if model.fast.failed:
-            rows.append({"what": f"{part}: the fast path failed ({model.fast.failed})", "relative_difference": float("inf"),
-                         "tolerance": 0.0, "ok": False})
+            rows.append({"what": f"{part}: the fast path failed ({model.fast.failed})",
+                         "relative_difference": float("inf"), "tolerance": 0.0, "ok": False})
             log(f"check {part}: the fast path FAILED: {model.fast.failed}\n{model.fast.failure_trace}")
         return bool(model.fast.failed)
 
@@ -160,6 +160,15 @@ def check(args, device, dtype) -> list[dict]:
         record(f"prefill {length}: fast weights after the last chunk",
                max(relative(f, p) for f, p in zip(fast_weights(outs[args.fast].cache),
                                                   fast_weights(outs["off"].cache))), 2e-2)
+        model.fast.skip_window_key_grads = True  # the experiment: no key gradients for the window
+        with path(model, args.fast), torch.no_grad(), bf16(device, dtype):
+            skipped = model(ids, use_cache=True, logits_to_keep=b)
+        if not failed(model, "prefill, window key grads skipped"):
+            record(f"prefill {length}, window key grads skipped: last {b} logits",
+                   relative(skipped.logits, outs["off"].logits), 2e-2)
+            record(f"prefill {length}, window key grads skipped: fast weights",
+                   max(relative(f, p) for f, p in zip(fast_weights(skipped.cache),
+                                                      fast_weights(outs["off"].cache))), 2e-2)
     # decoding across an update: a prompt 4 tokens short of a chunk boundary, then 12 tokens
     model = build(args.preset, "ttt_e2e", device, vocab_size=args.vocab)
     prompt, follow = ids[:, : 2 * b - 4], ids[:, 2 * b - 4: 2 * b + 8]
@@ -194,13 +203,15 @@ def check(args, device, dtype) -> list[dict]:
 def prefill(args, device, dtype) -> list[dict]:
     rows = []
     fast = args.fast
-    kinds = [("ttt_e2e", fast, 10**9, args.vocab), ("ttt_e2e", "off", args.plain_max, args.vocab),
-             ("swa", fast, 10**9, args.vocab), ("full", fast, 10**9, args.vocab)]
+    kinds = [("ttt_e2e", fast, 10**9, args.vocab), ("ttt_e2e_skip", fast, 10**9, args.vocab),
+             ("ttt_e2e", "off", args.plain_max, args.vocab), ("swa", fast, 10**9, args.vocab),
+             ("full", fast, 10**9, args.vocab)]
     if not args.tiny:  # the official vocabulary at the longest length
         kinds += [("ttt_e2e", fast, 0, 128256), ("full", fast, 0, 128256)]
     for kind, mode, up_to, vocab in kinds:
-        model = build(args.preset, kind, device, vocab_size=vocab)
+        model = build(args.preset, kind.removesuffix("_skip"), device, vocab_size=vocab)
         model.config.fast_path = mode
+        model.fast.skip_window_key_grads = kind.endswith("_skip")  # the check's experiment
         lengths = [n for n in args.lengths if n <= up_to] or [args.lengths[-1]]
         for length in lengths:
             ids = torch.randint(0, vocab, (1, length), device=device)
@@ -390,28 +401,29 @@ def speed_tables(out: dict) -> str:
         by = {(r["model"], r["vocab"], r["tokens"]): r for r in rows}
         vocab = out["vocab"]
         lengths = sorted({r["tokens"] for r in rows if r["vocab"] == vocab})
-        lines += ["", "| prefill tokens | TTT-E2E s | TTT-E2E plain path s | sliding window s | full attention s | "
-                  "TTT-E2E / full speed-up | TTT-E2E us/token vs 8K | peak GiB TTT / full |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "| prefill tokens | TTT-E2E s | TTT-E2E, window key grads skipped s | TTT-E2E plain path s | "
+                  "sliding window s | full attention s | TTT-E2E / full speed-up | TTT-E2E us/token vs 8K | "
+                  "peak GiB TTT / full |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         ref = by.get(("ttt_e2e", vocab, 8192)) or by.get(("ttt_e2e", vocab, lengths[0]))
         cell = lambda r: f"{r['seconds']:.3f}" if r else "-"  # noqa: E731
         for n in lengths:
-            t, p, w, f = (by.get((m, vocab, n)) for m in ("ttt_e2e", "ttt_e2e_plain", "swa", "full"))
+            t, k, p, w, f = (by.get((m, vocab, n)) for m in ("ttt_e2e", "ttt_e2e_skip", "ttt_e2e_plain", "swa", "full"))
             speedup = f"{f['seconds'] / t['seconds']:.2f}x" if t and f else "-"
             per_token = f"{t['us_per_token'] / ref['us_per_token']:.2f}x" if t and ref else "-"
             peak = f"{t['peak_gib']:.2f} / {f['peak_gib']:.2f}" if t and f and t["peak_gib"] else "-"
-            lines.append(f"| {n} | {cell(t)} | {cell(p)} | {cell(w)} | {cell(f)} | {speedup} | {per_token} | {peak} |")
+            lines.append(f"| {n} | {cell(t)} | {cell(k)} | {cell(p)} | {cell(w)} | {cell(f)} | {speedup} | "
+                         f"{per_token} | {peak} |")
         for r in rows:
             if r["vocab"] != vocab:
                 lines.append(f"| {r['tokens']} (vocabulary {r['vocab']}) | {r['model']}: {r['seconds']:.3f} s, "
-                             f"peak {r['peak_gib']} GiB | | | | | | |")
+                             f"peak {r['peak_gib']} GiB | | | | | | | |")
     if out.get("profile"):
         p = out["profile"]
         lines += ["", f"Profile of TTT-E2E's {p['tokens']}-token prefill: GPU kernels busy {p['kernel_seconds']:.3f} s "
                   f"of {p['wall_seconds']:.3f} s wall ({p['busy_share']:.1%}), {p['kernels']} kernels."]
     if out.get("decode"):
-        lines += ["", "| decoding (generate, greedy) | context | ms / token | vs Llama static compiled | median step ms | "
-                  "the update step ms |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "| decoding (generate, greedy) | context | ms / token | vs Llama static compiled | "
+                  "median step ms | the update step ms |", "|---|---:|---:|---:|---:|---:|"]
         for r in out["decode"]:
             ratio = f"{r['ratio_to_llama']:.2f}x" if "ratio_to_llama" in r else "-"
             step = f"{r['median_step_ms']:.3f}" if "median_step_ms" in r else "-"
@@ -430,7 +442,8 @@ def speed_figure(out: dict, path: str) -> None:
     if not rows:
         return
     fig, (ax,) = new_figure(panel_size=(6.5, 4.5))
-    labels = {"ttt_e2e": "TTT-E2E (fast path)", "ttt_e2e_plain": "TTT-E2E (plain path)",
+    labels = {"ttt_e2e": "TTT-E2E (fast path)", "ttt_e2e_skip": "TTT-E2E (fast, no window key gradients)",
+              "ttt_e2e_plain": "TTT-E2E (plain path)",
               "swa": "sliding window, no TTT", "full": "full attention (flash)"}
     for name, label in labels.items():
         pts = sorted((r["tokens"], r["tokens_per_s"]) for r in rows if r["model"] == name)
@@ -510,7 +523,8 @@ def memory_test(model, tokens, args, device, dtype) -> list[dict]:
     unrelated one), TTT off ("pre") and on ("post"), over a grid of inner lr and chunk size."""
     def documents(control):
         docs = repeated_passage_documents(tokens, args.memory_docs, args.passage, args.gap, seed=0, control=control)
-        return torch.stack([d["input_ids"] for d in docs]).to(device), torch.stack([d["labels"] for d in docs]).to(device)
+        stack = lambda key: torch.stack([d[key] for d in docs]).to(device)  # noqa: E731
+        return stack("input_ids"), stack("labels")
 
     sets = {"repeat": documents(False), "control": documents(True)}
 
@@ -610,8 +624,9 @@ def quality_tables(out: dict) -> str:
         sets = [("TTT-E2E", ttt["memory"])]
         if "adapter" in ttt:
             sets.append((f"TTT-E2E + TinyLoRA ({ttt['adapter']['parameters']} parameters)", ttt["adapter"]["memory"]))
-        lines += ["", "| memory test: model | inner lr | chunk | repeat: TTT off | TTT on | reduction | control: TTT off "
-                  "| TTT on | share of the drop from memory |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "| memory test: model | inner lr | chunk | repeat: TTT off | TTT on | reduction | "
+                  "control: TTT off | TTT on | share of the drop from memory |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {name} | {r['inner_lr']:g} | {r['chunk_size']} | {r['pre']:.4f} | {r['post']:.4f} | "
                   f"{r['reduction']:+.2%} | {r['pre_control']:.4f} | {r['post_control']:.4f} | "
                   f"{r['memory_share']:.1%} |" for name, rows in sets for r in rows]

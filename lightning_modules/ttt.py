@@ -300,8 +300,8 @@ class TTTModule(TesttimeModule):
                 if kind == "control" and repeat is not None:
                     pre_repeat = means[f"memory_{name}_repeat_pre"]
                     row["memory_share"] = memory_share(pre_repeat, repeat, pre, post)
-                    shares.append(f"| {name} | {lr:g} | {b} | {steps} | {pre_repeat - repeat:+.4f} | {pre - post:+.4f} | "
-                                  f"{row['memory_share']:.1%} |")
+                    shares.append(f"| {name} | {lr:g} | {b} | {steps} | {pre_repeat - repeat:+.4f} | "
+                                  f"{pre - post:+.4f} | {row['memory_share']:.1%} |")
                 rows.append(row)
         if len(shares) > 3:
             lines += shares

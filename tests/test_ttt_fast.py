@@ -199,3 +199,26 @@ def test_an_adapter_wrapped_in_gets_new_graphs_and_the_plain_path_result():
         plain = adapted(ids).logits
     assert set(model.fast._steppers).isdisjoint(before)
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-10)
+
+
+def test_skipping_the_window_key_gradients_leaves_the_forward_as_it_is():
+    """`window_key_grads=False` empties the query lists of the window's key tiles (what
+    FlexAttention's backward walks for dK and dV) and nothing else: the forward (and dQ, which
+    walks the key lists) is untouched. The backward itself runs on the GPU only (the benchmark's
+    check compares it with the plain path there)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from testtime.ttt.attention import window_block_mask
+
+    b, W = 128, 256
+    full, skip = (window_block_mask(b, W, torch.device("cpu"), grads) for grads in (True, False))
+    past = W // full.BLOCK_SIZE[1]
+    listed = lambda m: m.q_num_blocks + m.full_q_num_blocks  # noqa: E731  (query tiles per key tile)
+    assert past == 2 and (listed(full)[..., :past] > 0).all() and (listed(skip)[..., :past] == 0).all()
+    assert torch.equal(listed(skip)[..., past:], listed(full)[..., past:])
+    assert torch.equal(skip.kv_num_blocks, full.kv_num_blocks) and torch.equal(skip.kv_indices, full.kv_indices)
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, b, 8, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, W + b, 8, dtype=torch.float64) for _ in "kv")
+    with torch.no_grad():
+        assert torch.equal(flex_attention(q, k, v, block_mask=skip), flex_attention(q, k, v, block_mask=full))

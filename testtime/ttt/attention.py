@@ -148,16 +148,35 @@ def sequence_block_mask(length: int, window: int, device: torch.device):
 
 
 @functools.cache
-def window_block_mask(chunk: int, window: int, device: torch.device):
+def window_block_mask(chunk: int, window: int, device: torch.device, window_key_grads: bool = True):
     """The block mask of a chunk against its window: the band i < m <= i + window, whole tiles
     inside it marked full (built once per shape and device). Slots before position 0 are masked
-    by `window_score_mod`, which applies on every tile."""
+    by `window_score_mod`, which applies on every tile.
+
+    `window_key_grads=False`: the backward skips the key and value gradients of the window's
+    tiles (FlexAttention's backward computes dK and dV per key tile over the query tiles its
+    q-direction lists give, and dQ per query tile over the forward's key tiles, so emptying the
+    window tiles' query lists leaves the forward and dQ as they are). Only for windows that are
+    constants of the graph (the `Stepper`'s: no outer gradient); their key gradients read zero."""
+    import copy
+
     from torch.nn.attention.flex_attention import create_block_mask
 
     def band(b, h, q, kv):
         return (kv > q) & (kv <= q + window)
 
-    return create_block_mask(band, None, None, chunk, window + chunk, device=device)
+    mask = create_block_mask(band, None, None, chunk, window + chunk, device=device)
+    if window_key_grads:
+        return mask
+    past = window // mask.BLOCK_SIZE[1]  # key tiles wholly inside the window
+    skip = copy.copy(mask)
+    for name in ("q_num_blocks", "full_q_num_blocks"):
+        counts = getattr(mask, name)
+        if counts is not None:
+            counts = counts.clone()
+            counts[..., :past] = 0
+            setattr(skip, name, counts)
+    return skip
 
 
 def window_score_mod(first_valid: torch.Tensor):

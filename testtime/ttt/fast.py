@@ -170,6 +170,10 @@ class FastPath:
         self._said: set[str] = set()
         self._fns: dict = {}
         self._steppers: dict = {}
+        # without an outer graph, FlexAttention's backward may skip the key gradients of the
+        # window (constants there): `window_block_mask`'s window_key_grads=False. An experiment
+        # until the GPU check has compared it with the plain path; off by default.
+        self.skip_window_key_grads = False
 
     def _say(self, reason: str) -> None:
         if reason not in self._said:
@@ -416,7 +420,7 @@ class FastPath:
         heads, head_dim, kv_dtype, attn, rope = self._layout(h)
         autocast = torch.is_autocast_enabled(h.device.type)
         key = (batch, run.chunk_size, run.window, run.steps, run.clip, h.dtype, kv_dtype, h.device, autocast,
-               self.fingerprint())
+               self.skip_window_key_grads, self.fingerprint())
         if key not in self._steppers:
             self._steppers = {k: v for k, v in self._steppers.items() if k[-1] == key[-1]}  # stale graphs out
             self._steppers[key] = Stepper(self, batch, run, h.dtype, kv_dtype, h.device, heads, head_dim, attn, rope)
@@ -444,7 +448,8 @@ class Stepper:
                         for _ in model.ttt_blocks]
         initial = model.initial_fast_weights(batch, outer_grad=False)
         self.fast = [tuple(w.detach().clone().requires_grad_() for w in layer) for layer in initial]
-        self.block_mask = window_block_mask(b, W, device) if attn == "flex" else None
+        self.block_mask = window_block_mask(b, W, device, not fast.skip_window_key_grads) if attn == "flex" \
+            else None
         self.graphs: dict[bool, tuple] = {}
         self.pool = None
 

@@ -4,8 +4,8 @@ Follows from training ("End-to-End Test-Time Training for Long Context", Tandon 
 the official code at github.com/test-time-training/e2e does not decode): the fast weights start
 from W_0 at every `generate` call (one document), the prompt is prefilled in chunks of b with an
 update after each complete chunk (the forward's own scan), and every generated token goes through
-the network once with attention over at most k + b - 1 cached positions. When the first token of
-chunk j + 1 arrives, chunk j's targets are complete: its TTT blocks are recomputed from the
+the network once with attention over its window (a ring of k + b cached positions). When the
+first token of chunk j + 1 arrives, chunk j's targets are complete: its TTT blocks are recomputed from the
 cached inputs and keys (one chunk forward and backward) and the weights take its update before
 that token is processed. This is the chunk grid of the forward, so greedy decoding picks the
 argmax of the teacher-forced forward over the same sequence. Cost per token stays constant in the

@@ -3,19 +3,22 @@
 Paper: "End-to-End Test-Time Training for Long Context" (Tandon et al. 2025); official JAX code:
 github.com/test-time-training/e2e. A transformer with RMSNorm, RoPE, QK-norm, SwiGLU and
 sliding-window causal attention (window k). Its last quarter of blocks are TTT blocks with an
-extra SwiGLU MLP' run before the block's MLP:
+extra SwiGLU MLP' run before the block's MLP; every sublayer has a pre-norm and (config
+`post_norm`, the official layout) a post-norm:
 
-    h += attn(norm h);  h += MLP'(norm' h);  h += MLP(norm h)
+    h += post(attn(pre h));  h += post'(MLP'(pre' h));  h += post(MLP(pre h))
 
 Only MLP' changes at test time (the fast weights); the MLP is the static "safe storage".
 
 Read top to bottom:
-1. the layers: `RMSNorm`, `rope`, `attention` (by positions, so one function serves the
-   one-pass forward, the chunk scan and the KV cache), `Attention`, `MLP`, `FastMLP`, `Block`;
+1. the layers: `RMSNorm`, `rotary` / `apply_rotary` (RoPE tables computed once per forward,
+   interleaved pairs as the official code or Llama's halves), `Attention` (which attends through
+   a function it is given: `testtime.ttt.attention`), `MLP`, `FastMLP`, `Block`;
 2. `TTTForCausalLM.forward`: padding handled by moving each row's real tokens to the front
    (so every sample's chunk grid starts at its first real token), the lower blocks once over the
-   whole sequence, then the TTT blocks chunk by chunk with the inner loop (`testtime.ttt.inner`),
-   and a cache for decoding when asked (`testtime.ttt.generate`).
+   whole sequence, then the TTT blocks (`TTTQuarter`) chunk by chunk with the inner loop
+   (`testtime.ttt.inner`, or its fixed-shape twin `testtime.ttt.fast`), and a cache for decoding
+   when asked (`testtime.ttt.generate`).
 
 The static Linear layers have Llama's names (`q_proj k_proj v_proj o_proj gate_proj up_proj
 down_proj`), so PEFT adapters target them; the fast weights are plain Parameters
