@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_modules.base import TesttimeModule
-from testtime.errors import UsageError
+from testtime.errors import CheckpointError, UsageError
 from testtime.io import new_figure
 from testtime.loading import folder_model_type, load_tokenizer, resolve
 from testtime.ttt import TTTConfig, TTTForCausalLM
@@ -40,7 +40,8 @@ from testtime.ttt.outer import outer_lr_factor, outer_optimizer
 
 # the paper's TTT settings; None in the module's arguments means these (or the loaded folder's)
 TTT_FIELDS = ("window_size", "chunk_size", "ttt_layer_fraction", "inner_lr", "inner_lr_warmup_steps",
-              "inner_grad_clip", "inner_steps", "ttt", "attention", "first_order", "recompute")
+              "inner_grad_clip", "inner_steps", "ttt", "attention", "first_order", "recompute", "post_norm",
+              "rope_interleaved")
 
 
 class TTTModule(TesttimeModule):
@@ -62,6 +63,8 @@ class TTTModule(TesttimeModule):
         attention: "sliding" or "full" (the full-attention baseline).
         first_order: drop the second-order terms of the meta-gradient (cheaper).
         recompute: recompute activations per chunk in the backward pass (bounds memory).
+        post_norm, rope_interleaved: the official layout (true, the presets'); false for both
+            rebuilds the layout of checkpoints written before these fields existed.
         learning_rate: outer AdamW peak learning rate (paper: 3e-3 at 125M).
         min_learning_rate: the end of the cosine decay (paper: 1e-5).
         betas: AdamW betas (paper: 0.9, 0.95).
@@ -93,6 +96,8 @@ class TTTModule(TesttimeModule):
         attention: str | None = None,
         first_order: bool | None = None,
         recompute: bool | None = None,
+        post_norm: bool | None = None,
+        rope_interleaved: bool | None = None,
         learning_rate: float = 3e-3,
         min_learning_rate: float = 1e-5,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -148,6 +153,16 @@ class TTTModule(TesttimeModule):
     def without_adapter(self):
         """The model as it is without the adapter (a no-op when there is none)."""
         return self.adapter.disable_adapter() if self.adapter is not None else contextlib.nullcontext()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except CheckpointError as error:
+            if self.model.config.post_norm and not any("post_attn_norm" in k for k in state_dict):
+                raise CheckpointError(f"{error}. It has no post-norms: a checkpoint written before the official "
+                                      "layout; load it with --model.post_norm false --model.rope_interleaved false"
+                                      ) from None
+            raise
 
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):

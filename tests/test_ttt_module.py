@@ -217,3 +217,17 @@ def test_memory_test_beside_a_tinylora_adapter(tokenizer, tmp_path):
     assert mean("memory_base_repeat_pre") == pytest.approx(float(loss[counted].mean()), rel=1e-6)  # no adapter
     assert mean("memory_adapter_repeat_pre") != mean("memory_base_repeat_pre")
     assert "memory_adapter_repeat_post_lr1_b4_s1" in module._sums
+
+
+def test_a_checkpoint_from_before_the_post_norms_loads_with_the_old_layout(tiny_model_dir):
+    from testtime.errors import CheckpointError
+
+    old = _module(tiny_model_dir, post_norm=False, rope_interleaved=False)
+    state = old.state_dict()
+    with pytest.raises(CheckpointError, match="--model.post_norm false --model.rope_interleaved false"):
+        _module(tiny_model_dir).load_state_dict(state)
+    again = _module(tiny_model_dir, post_norm=False, rope_interleaved=False)
+    again.load_state_dict(state)
+    ids = torch.randint(3, 50, (1, 11))
+    with torch.no_grad():
+        assert torch.equal(again.model(ids).logits, old.model(ids).logits)
