@@ -126,7 +126,7 @@ def flex_available(device: torch.device) -> bool:
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)  # one graph for every length (dynamic after the second)
 
 
 def flex(q, k, v, block_mask) -> torch.Tensor:

@@ -4,7 +4,8 @@ The plain path (`testtime.ttt.inner.scan_chunks`, `testtime.ttt.generate.decode`
 reference and runs everywhere. This one computes the same function faster; `config.fast_path`
 chooses: "auto" (the default) on a GPU, "on" on any device (a CPU runs the same fixed-shape code
 with SDPA masks instead of FlexAttention, eager unless `TESTTIME_TTT_COMPILE=1`: what the tests
-check against the plain path), "off" never. What it changes:
+check against the plain path), "off" never; `TESTTIME_TTT_COMPILE_MODE` passes a torch.compile mode
+(`max-autotune-no-cudagraphs` tunes the kernels: minutes more compiling). What it changes:
 
 - Lower blocks: one causal flash call when the sequence fits in the window, else FlexAttention
   with a sliding-window block mask built once per length (`testtime.ttt.attention`).
@@ -192,7 +193,8 @@ class FastPath:
         key = (name, compiled)
         if key not in self._fns:
             raw = {"forward": chunk_loss, "update": clipped_update, "meta": meta_step, "decode": decode_token}[name]
-            self._fns[key] = torch.compile(raw, dynamic=False) if compiled else raw
+            mode = os.environ.get("TESTTIME_TTT_COMPILE_MODE") or None  # e.g. max-autotune-no-cudagraphs
+            self._fns[key] = torch.compile(raw, dynamic=False, mode=mode) if compiled else raw
         return self._fns[key]
 
     def fingerprint(self) -> tuple:
@@ -228,11 +230,23 @@ class FastPath:
         window = run.window
         if window is None or length <= window:
             return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        if flex_available(device):
-            from testtime.ttt.attention import flex
+        if flex_available(device) and not self.failed:
+            from testtime.ttt.attention import attention, flex
 
             block_mask = sequence_block_mask(length, window, device)
-            return lambda q, k, v: flex(q, k, v, block_mask)
+            positions = torch.arange(length, device=device)[None]
+
+            def attend(q, k, v):
+                if not self.failed:
+                    try:
+                        return flex(q, k, v, block_mask)
+                    except Exception as error:
+                        if isinstance(error, (torch.OutOfMemoryError, KeyboardInterrupt)):
+                            raise
+                        self._fail(error, " (FlexAttention over the sequence)")
+                return attention(q, k, v, positions, positions, window, run.chunk_size)
+
+            return attend
         return None
 
     # --- the chunk scan -----------------------------------------------------------------------
