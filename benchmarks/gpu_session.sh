@@ -9,11 +9,12 @@
 #                                              # TinyLoRA's step time and the GQA throughput outran costs' limits)
 #   bash benchmarks/gpu_session.sh ttt-full    # ttt's full-attention quality row alone (it outran ttt's limit)
 #   bash benchmarks/gpu_session.sh autodeco-train  # AutoDeco's training step alone, with the compiled variants
+#   bash benchmarks/gpu_session.sh strategies  # every tiny recipe under gpu.yaml, ddp.yaml, fsdp.yaml (issue 22)
 # From the repository root on the GPU machine, with the wheels of ../shared/device/wheels.sh
 # (plus transformers==5.24.0) carried in .whl. Each part's outputs come back as one tarball
 # ($OUT/<part>.tar.gz) with its log ($OUT/<part>.log): the device returns at most 8 files.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh ttt|diffusion|costs|costs2|ttt-full|autodeco-train}
+part=${1:?usage: gpu_session.sh ttt|diffusion|costs|costs2|ttt-full|autodeco-train|strategies}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TESTTIME_CACHE=/tmp/testtime-cache
@@ -55,6 +56,8 @@ case $part in
   autodeco-train)  # costs' first row again, now with the torch.compile'd variants (their first steps compile)
     run 420 python3 benchmarks/autodeco.py --device cuda --skip-decode --models smollm2-135m,tinyllama-1.1b \
       --out "$res/autodeco_train.json" ;;
+  strategies)  # world size 1 on the one GPU: wrapping, precision, clipping, checkpoints (no scaling)
+    run 560 python3 benchmarks/strategies.py --out "$res/strategies" ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
 tar -czf "$OUT/$part.tar.gz" -C /tmp/results "$part"

@@ -77,6 +77,19 @@ class TesttimeModule(L.LightningModule):
         """The model `generate` runs on (a method may wrap or replace it)."""
         return self.model
 
+    # -- optimization ------------------------------------------------------------------------
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping (`trainer.gradient_clip_val`), except by norm under FSDP, whose
+        precision plugin refuses it: there the wrapped model clips its own (sharded) gradients with
+        FSDP's `clip_grad_norm_`, which takes the norm over every rank's shard."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") \
+                and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # -- partial checkpoints -----------------------------------------------------------------
     def checkpoint_key(self, key: str) -> bool:
         """Whether a checkpoint holds this state-dict key. Every key by default; a method on a

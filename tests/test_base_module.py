@@ -100,3 +100,28 @@ def test_fit_ends_with_the_validation_table(tiny_model_dir, tmp_path, caplog):
     saved = json.loads((tmp_path / "val_results.json").read_text())
     assert saved["results"] == pytest.approx(metrics) and saved["n_problems"] == 4
     assert (tmp_path / "val_results.md").read_text().count("| val/") == 3
+
+
+def test_gradient_clipping_by_norm_under_fsdp_goes_through_the_wrapped_model(tiny_model_dir):
+    """FSDP's precision plugin refuses Lightning's clipping by norm; the wrapped module's own
+    clip_grad_norm_ (the norm over every rank's shard) takes it. Other strategies clip as before."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+
+    module = CausalLMModule(model_name_or_path=tiny_model_dir)
+    module.configure_model()
+    calls = []
+    fsdp = FSDPStrategy()
+    fsdp.model = SimpleNamespace(clip_grad_norm_=lambda value: calls.append(value))
+    module.trainer = SimpleNamespace(strategy=fsdp)
+    module.configure_gradient_clipping(None, 0.5, "norm")
+    module.configure_gradient_clipping(None, 0.5, None)
+    assert calls == [0.5, 0.5]
+
+    seen = []
+    module.clip_gradients = lambda optimizer, value, algorithm: seen.append((value, algorithm))
+    module.configure_gradient_clipping(None, 0.5, "value")  # by value: Lightning's own path (FSDP allows it)
+    module.trainer = SimpleNamespace(strategy=SingleDeviceStrategy(torch.device("cpu")))
+    module.configure_gradient_clipping(None, 1.0, "norm")
+    assert seen == [(0.5, "value"), (1.0, "norm")] and calls == [0.5, 0.5]

@@ -148,3 +148,41 @@ def test_console_script_runs_the_same_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "testtime: train and evaluate test-time adaptation" in " ".join(out.stdout.split())
     assert "export" in out.stdout and "fit" in out.stdout
+
+
+# recipes that complete another (`--config base --config overlay`), with their base
+OVERLAYS = {
+    "configs/autodeco/large_data.yaml": "configs/autodeco/smollm2_large.yaml",
+    "configs/ttt/baseline_full.yaml": "configs/ttt/small.yaml",
+    "configs/ttt/baseline_swa.yaml": "configs/ttt/small.yaml",
+    "configs/ttt/chat.yaml": "configs/ttt/small.yaml",
+    "configs/ttt/memory_small.yaml": "configs/ttt/small.yaml",
+    "configs/ttt/memory_tiny.yaml": "configs/ttt/tiny.yaml",
+}
+RECIPES = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("configs/*/*.yaml") if p.parent.name != "trainer")
+TRAINERS = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("configs/trainer/*.yaml"))
+
+
+def test_every_recipe_parses_with_every_trainer_file(capsys):
+    """Each recipe (an overlay after its base) with each trainer file, as `--print_config` parses
+    them: a setting a class does not take (an FSDP option Lightning's signature lacks, say) fails
+    here rather than on the GPU node."""
+    import cli
+
+    failures = []
+    for recipe in RECIPES:
+        model = (yaml.safe_load((ROOT / recipe).read_text()) or {}).get("model", {})
+        if "class_path" not in model:
+            assert recipe in OVERLAYS, f"{recipe} names no model: list the recipe it completes in OVERLAYS"
+        configs = [OVERLAYS[recipe], recipe] if recipe in OVERLAYS else [recipe]
+        for trainer in TRAINERS:
+            args = ["fit"] + [a for c in configs for a in ("--config", str(ROOT / c))] + ["--config", str(ROOT / trainer),
+                                                                                          "--print_config"]
+            with pytest.raises(SystemExit) as exit_:
+                cli.main(args)
+            printed = capsys.readouterr()
+            if exit_.value.code != 0:
+                failures.append(f"{' + '.join(configs)} + {trainer}: {printed.err.strip().splitlines()[-3:]}")
+            else:
+                assert yaml.safe_load(printed.out)["trainer"] is not None
+    assert not failures, "\n".join(failures)

@@ -1,4 +1,6 @@
-"""Data-parallel training on CPU: 2 processes, started through the CLI as a user would."""
+"""Data-parallel training on CPU: 2 processes, started through the CLI as a user would, with the
+shipped `configs/trainer/ddp.yaml` (its GPU and bf16 settings overridden for the CPU). FSDP has no
+CPU path in Lightning (it requires a GPU accelerator); `benchmarks/strategies.py` runs it on the GPU."""
 
 import pytest
 import torch
@@ -12,8 +14,8 @@ from tests.conftest import ROOT
 def test_cpu_ddp_fit_ends_with_identical_weights_on_both_ranks(run_cli, tmp_path, config):
     probe = tmp_path / "weights"
     out = run_cli(
-        "fit", "--config", str(ROOT / config),
-        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+        "fit", "--config", str(ROOT / config), "--config", str(ROOT / "configs/trainer/ddp.yaml"),
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
         "--trainer.max_steps=4", "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0",
         "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
         "--trainer.callbacks+=tests.ddp_probe.SaveWeightsPerRank", f"--trainer.callbacks.out_dir={probe}",
