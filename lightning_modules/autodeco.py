@@ -351,30 +351,29 @@ class AutoDecoModule(TesttimeModule):
                 points["position"] += list(range(n))
         return {k: np.asarray(v) for k, v in points.items()}
 
-    def on_test_epoch_end(self) -> None:
-        results = self.log_accuracies("test")
-        n = self.problems_scored("test")  # a collective: every rank takes part
-        points = self._token_points()
-        if not results:
-            return
-        log_dir = self.results_dir()
-        plots = sorted(glob.glob(os.path.join(log_dir, "diagnostics", "*.png")))
+    def collect_test(self) -> dict:
+        return {"points": self._token_points()}  # a gather: every rank takes part
+
+    def test_report(self, accuracies: dict[str, float], n: int, collected: dict) -> dict:
+        points = collected["points"]
+        plots = sorted(glob.glob(os.path.join(self.results_dir(), "diagnostics", "*.png")))
         static = {}
         if self.best_static is not None:
             static[f"best static ({self.best_static.name})"] = self.best_static.temperature
         if self.mean_prediction is not None:
             static["heads' mean"] = self.mean_prediction[0]
         by_token_figure, by_token = temperature_by_token(points, static) if points is not None else (None, None)
-        self.write_results(
-            "test", {k.removeprefix("test/acc_"): v for k, v in results.items()}, n_problems=n,
-            title=f"AutoDeco evaluation, {n} test problems, k={self.eval_num_samples} samples per sampled setting:",
-            payload={"k": self.eval_num_samples, "best_static": self.best_static.name if self.best_static else None,
-                     "mean_prediction": self.mean_prediction,
-                     "validation_results": getattr(self, "validation_results", None), "diagnostics_plots": plots,
-                     "temperature_by_token": by_token},
-            figures={"temperature_by_token.png": by_token_figure})
         if plots:
             rank_zero_info("training diagnostics plots: " + ", ".join(plots))
+        return {"results": accuracies, "n_problems": n,
+                "title": f"AutoDeco evaluation, {n} test problems, k={self.eval_num_samples} samples per sampled "
+                         "setting:",
+                "payload": {"k": self.eval_num_samples,
+                            "best_static": self.best_static.name if self.best_static else None,
+                            "mean_prediction": self.mean_prediction,
+                            "validation_results": getattr(self, "validation_results", None),
+                            "diagnostics_plots": plots, "temperature_by_token": by_token},
+                "figures": {"temperature_by_token.png": by_token_figure}}
 
     # -- export ------------------------------------------------------------------------------
     def export(self, output_dir: str, merged: bool = False) -> None:

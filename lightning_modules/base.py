@@ -166,7 +166,28 @@ class TesttimeModule(L.LightningModule):
         self._val_problems = self.problems_scored("val")
 
     def on_test_epoch_end(self) -> None:
-        self.log_accuracies("test")
+        """The end of `test`, one template for every method. On every rank: the accuracies
+        (torchmetrics syncs them), the problems scored on all ranks and `collect_test` (a method's
+        own collectives; a rank that skipped one would hang the others under DDP); then the
+        method's `test_report`, written on global rank 0."""
+        accuracies = {k.removeprefix("test/acc_"): v for k, v in self.log_accuracies("test").items()}
+        n = self.problems_scored("test")
+        collected = self.collect_test()
+        if accuracies:  # the same on every rank: the metrics are synced
+            self.write_results("test", **self.test_report(accuracies, n, collected))
+
+    def collect_test(self) -> dict:
+        """What a method's test report needs beyond the accuracies, called on every rank (it may
+        gather across ranks). Nothing by default."""
+        return {}
+
+    def test_report(self, accuracies: dict[str, float], n: int, collected: dict) -> dict:
+        """The `write_results` arguments of the test report (called on every rank): the accuracy
+        per decoding setting over `n` problems, with a title; methods add their payload, figures
+        or own table."""
+        return {"results": accuracies, "n_problems": n, "payload": {"k": self.eval_num_samples},
+                "title": f"{type(self).__name__}: {n} test problems, k={self.eval_num_samples} samples per "
+                         "sampled setting:"}
 
     def on_fit_end(self) -> None:
         """The last validation metrics as a table, so a `fit` shows its result without opening metrics.csv."""

@@ -283,25 +283,24 @@ class MaskedDiffusionModule(TesttimeModule):
 
     # -- results -----------------------------------------------------------------------------
     def on_validation_epoch_end(self) -> None:
-        accuracies = self.log_accuracies("val")
+        accuracies = {k.removeprefix("val/acc_"): v for k, v in self.log_accuracies("val").items()}
         nfe = self.log_nfe("val")
         self._val_problems = self.problems_scored("val")
-        if self.trainer.state.fn == TrainerFn.VALIDATING:  # after fit, the base writes the table
-            self._write_stage_results("val", accuracies, nfe, self._val_problems)
-        self._tta_logs.pop("val", None)
+        tta = self._tta_logs.pop("val", None)
+        if self.trainer.state.fn == TrainerFn.VALIDATING and accuracies:  # after fit, the base writes the table
+            self.write_results("val", **self._stage_report("val", accuracies, nfe, self._val_problems, tta))
 
-    def on_test_epoch_end(self) -> None:
-        accuracies = self.log_accuracies("test")
-        nfe = self.log_nfe("test")
-        self._write_stage_results("test", accuracies, nfe, self.problems_scored("test"))
-        self._tta_logs.pop("test", None)
+    def collect_test(self) -> dict:
+        return {"nfe": self.log_nfe("test"), "tta": self._tta_logs.pop("test", None)}  # a reduce: every rank
 
-    def _write_stage_results(self, stage: str, accuracies: dict[str, float], nfe: dict[str, float], n: int) -> None:
-        """Accuracy ± s.e. and NFE per setting: the table, `<stage>_results.md/.json` and two figures."""
-        rows = [(s.name, accuracies[f"{stage}/acc_{s.name}"], nfe.get(s.name, float("nan")))
-                for s in self.decoding_settings() if f"{stage}/acc_{s.name}" in accuracies]
-        if not rows:
-            return
+    def test_report(self, accuracies: dict[str, float], n: int, collected: dict) -> dict:
+        return self._stage_report("test", accuracies, collected["nfe"], n, collected["tta"])
+
+    def _stage_report(self, stage: str, accuracies: dict[str, float], nfe: dict[str, float], n: int, tta) -> dict:
+        """Accuracy ± s.e. and NFE per setting: the table, `<stage>_results.md/.json` and two figures
+        (the `write_results` arguments)."""
+        rows = [(s.name, accuracies[s.name], nfe.get(s.name, float("nan")))
+                for s in self.decoding_settings() if s.name in accuracies]
         lines = [f"| decoding | NFE / sequence | accuracy (n={n}) | ± s.e. |", "|---|---:|---:|---:|"]
         lines += [f"| {name} | {cost:.1f} | {acc:.3f} | {standard_error(acc, n):.3f} |" for name, acc, cost in rows]
         fig, (ax,) = new_figure()
@@ -312,14 +311,13 @@ class MaskedDiffusionModule(TesttimeModule):
         ax.set_title(f"Masked diffusion LM samplers, steps={self.steps}, gen_length={self.hparams.gen_length}")
         ax.legend(fontsize=8)
         figures = {f"{stage}_accuracy_vs_nfe.png": fig}
-        if stage in self._tta_logs:
-            figures[f"{stage}_tta_uncertainty.png"] = uncertainty_figure(self._tta_logs[stage])
-        self.write_results(stage, {name: acc for name, acc, _ in rows}, "\n".join(lines),
-                           title=f"{type(self).__name__}: {stage} accuracy, {n} problems:",
-                           payload={"n_problems": n, "nfe": {name: cost for name, _, cost in rows},
-                                    "steps": self.steps, "gen_length": self.hparams.gen_length,
-                                    "block_length": self.block_length},
-                           figures=figures)
+        if tta is not None:
+            figures[f"{stage}_tta_uncertainty.png"] = uncertainty_figure(tta)
+        return {"results": {name: acc for name, acc, _ in rows}, "table": "\n".join(lines),
+                "title": f"{type(self).__name__}: {stage} accuracy, {n} problems:",
+                "payload": {"n_problems": n, "nfe": {name: cost for name, _, cost in rows}, "steps": self.steps,
+                            "gen_length": self.hparams.gen_length, "block_length": self.block_length},
+                "figures": figures}
 
     # -- export ------------------------------------------------------------------------------
     def export(self, output_dir: str, merged: bool = False) -> None:

@@ -276,15 +276,11 @@ class TinyLoRAModule(TesttimeModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
 
-    def on_test_epoch_end(self) -> None:
-        results = self.log_accuracies("test")
-        n = self.problems_scored("test")  # a collective: every rank takes part
-        if results:
-            self.write_results("test", {k.removeprefix("test/acc_"): v for k, v in results.items()}, n_problems=n,
-                               title=f"{type(self).__name__} ({describe_adapter(self.model)}), {n} test problems, "
-                                     f"k={self.eval_num_samples} samples per sampled setting:",
-                               payload={"k": self.eval_num_samples,
-                                        "trainable_parameters": trainable_parameters(self.model)})
+    def test_report(self, accuracies: dict[str, float], n: int, collected: dict) -> dict:
+        return {"results": accuracies, "n_problems": n,
+                "title": f"{type(self).__name__} ({describe_adapter(self.model)}), {n} test problems, "
+                         f"k={self.eval_num_samples} samples per sampled setting:",
+                "payload": {"k": self.eval_num_samples, "trainable_parameters": trainable_parameters(self.model)}}
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Completions of prompt batches (base class), or a chat on each conversation of a dialog batch."""

@@ -165,17 +165,12 @@ class TNOTModule(TesttimeModule):
     def on_test_epoch_start(self) -> None:
         self._batch_offset = 0
 
-    def on_test_epoch_end(self) -> None:
-        results = self.log_accuracies("test")
-        n = self.problems_scored("test")  # a collective: every rank takes part
-        if not results:
-            return
-        results = {k.removeprefix("test/acc_"): v for k, v in results.items()}
+    def test_report(self, accuracies: dict[str, float], n: int, collected: dict) -> dict:
         hp = self.hparams
         how = f"T={hp.temperature}, k={self.eval_num_samples}" if hp.temperature > 0 else "greedy"
-        self.write_results("test", results, n_problems=n, title=f"TNOT evaluation, {n} test problems, {how}:",
-                           payload={"temperature": hp.temperature, "k": self.eval_num_samples},
-                           figures={"test_sweep.png": sweep_figure(results, self.sweep(), n)})
+        return {"results": accuracies, "n_problems": n, "title": f"TNOT evaluation, {n} test problems, {how}:",
+                "payload": {"temperature": hp.temperature, "k": self.eval_num_samples},
+                "figures": {"test_sweep.png": sweep_figure(accuracies, self.sweep(), n)}}
 
     def primary_setting(self) -> DecodingSetting:
         """TNOT at the first point of the sweep."""

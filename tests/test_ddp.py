@@ -2,6 +2,8 @@
 shipped `configs/trainer/ddp.yaml` (its GPU and bf16 settings overridden for the CPU). FSDP has no
 CPU path in Lightning (it requires a GPU accelerator); `benchmarks/strategies.py` runs it on the GPU."""
 
+import json
+
 import pytest
 import torch
 
@@ -42,3 +44,23 @@ def test_autodeco_trains_under_bf16_mixed(run_cli, tmp_path):
     initial, final = torch.load(probe / "initial-rank0.pt"), torch.load(probe / "final-rank0.pt")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in final.values())  # fp32 heads
     assert any(not torch.equal(initial[n], final[n]) for n in final)
+
+
+TEST_STAGES = ["configs/autodeco/tiny.yaml", "configs/diffusion/tiny.yaml", "configs/head_gates/tiny.yaml",
+               "configs/sft/tiny.yaml", "configs/tinylora/tiny.yaml", "configs/tnot/tiny.yaml"]
+
+
+@pytest.mark.parametrize("config", TEST_STAGES)
+def test_every_method_finishes_test_under_cpu_ddp(run_cli, tmp_path, config):
+    """`test` on 2 processes: every rank goes through the same collectives at the end of the
+    stage (TesttimeModule's test template), so none waits forever, and rank 0 writes the report
+    over both ranks' problems."""
+    out = run_cli("test", "--config", str(ROOT / config), "--config", str(ROOT / "configs/trainer/ddp.yaml"),
+                  "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
+                  "--trainer.limit_test_batches=2", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+                  timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reports = list(tmp_path.rglob("test_results.json"))
+    assert len(reports) == 1, reports  # rank 0 alone
+    report = json.loads(reports[0].read_text())
+    assert report["stage"] == "test" and report["results"] and report.get("n_problems", 1) > 0
