@@ -55,7 +55,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import dump, environment, log, raise_recompile_limits, random_llama, sync, timed  # noqa: E402
+from benchmarks.common import dump, environment, finish, log, raise_recompile_limits, random_llama, sync, timed  # noqa: E402,E501
 from testtime.io import new_figure, save_figure  # noqa: E402
 from testtime.ttt import TTTConfig, TTTForCausalLM  # noqa: E402
 from testtime.ttt.evaluation import (  # noqa: E402
@@ -709,20 +709,10 @@ def main() -> None:
     head = environment(args, device, dtype)
     if args.part in ("quality", "both"):
         out = {**head, **quality(args, device, dtype)}
-        dump(out, args.json_quality)
-        table = quality_tables(out)
-        with open(f"{args.out}_quality.md", "w") as f:
-            f.write(table + "\n")
-        save_figure(quality_figure(out), f"{args.out}_quality.png")
-        log(table)
+        finish(out, args.json_quality, quality_tables(out), lambda r, path: save_figure(quality_figure(r), path))
     if args.part in ("speed", "both"):
         out = {**head, **speed(args, device, dtype)}
-        dump(out, args.json_speed)
-        table = speed_tables(out)
-        with open(f"{args.out}_speed.md", "w") as f:
-            f.write(table + "\n")
-        speed_figure(out, f"{args.out}_speed.png")
-        log(table)
+        finish(out, args.json_speed, speed_tables(out), speed_figure)
         if out.get("check") and not all(r["ok"] for r in out["check"]):
             sys.exit(1)
 

@@ -96,12 +96,17 @@ def test_outer_schedule_warms_up_then_decays_to_the_floor(tiny_model_dir):
     assert optimizer.defaults["betas"] == (0.9, 0.95)
 
 
+def memory_batch() -> dict:
+    """Two repeat documents of a periodic token stream, as MemoryTestDataModule batches them."""
+    doc = repeated_passage_documents(np.arange(400) % 90 + 3, 2, passage_tokens=6, gap_tokens=10, seed=0)
+    return {"input_ids": torch.stack([d["input_ids"] for d in doc]), "labels": torch.stack([d["labels"] for d in doc]),
+            "memory_kind": "repeat"}
+
+
 def test_memory_step_compares_ttt_off_with_each_grid_point(tiny_model_dir):
     module = _module(tiny_model_dir, memory_inner_lrs=[0.5, 2.0])
     module.trainer = type("T", (), {"datamodule": None})()
-    doc = repeated_passage_documents(np.arange(400) % 90 + 3, 2, passage_tokens=6, gap_tokens=10, seed=0)
-    batch = {"input_ids": torch.stack([d["input_ids"] for d in doc]), "labels": torch.stack([d["labels"] for d in doc]),
-             "memory_kind": "repeat"}
+    batch = memory_batch()
     with torch.no_grad():
         module._memory_step(batch)
     sums = module._sums
@@ -202,9 +207,7 @@ def test_memory_test_beside_a_tinylora_adapter(tokenizer, tmp_path):
     module = TTTModule(model_name_or_path=str(tmp_path / "ttt"), adapter_path=str(tmp_path / "adapter"))
     module.configure_model()
     module.trainer = type("T", (), {"datamodule": None})()
-    doc = repeated_passage_documents(np.arange(400) % 90 + 3, 2, passage_tokens=6, gap_tokens=10, seed=0)
-    batch = {"input_ids": torch.stack([d["input_ids"] for d in doc]), "labels": torch.stack([d["labels"] for d in doc]),
-             "memory_kind": "repeat"}
+    batch = memory_batch()
     with torch.no_grad():
         module._memory_step(batch)
         reference = PeftModel.from_pretrained(TTTForCausalLM.from_pretrained(tmp_path / "ttt"), tmp_path / "adapter")
