@@ -74,6 +74,19 @@ MODELS = {  # name -> TTTConfig overrides of the preset: TTT-E2E and its two bas
     "full": {"ttt_layer_fraction": 0.0, "attention": "full"},
 }
 SECTIONS = ("check", "prefill", "profile", "decode", "train")
+SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_M1": 64, "BLOCK_N1": 128, "BLOCK_M2": 64, "BLOCK_N2": 64}
+VARIANTS = {  # TTT-E2E on its fast path: name -> the experiments it turns on (`testtime.ttt.fast.FastPath`)
+    "ttt_e2e": {},
+    "ttt_e2e_skip": {"skip_window_key_grads": True},
+    "ttt_e2e_tiles": {"skip_window_key_grads": True, "chunk_kernel_options": SMALL_TILES},
+}
+
+
+def set_variant(model, name: str):
+    """The model with the fast-path experiments of VARIANTS[name] on (the others at their defaults)."""
+    for field, value in VARIANTS[name].items():
+        setattr(model.fast, field, value)
+    return model
 
 
 def build(preset: str, kind: str, device, seed: int = 0, **overrides) -> TTTForCausalLM:
@@ -160,15 +173,16 @@ def check(args, device, dtype) -> list[dict]:
         record(f"prefill {length}: fast weights after the last chunk",
                max(relative(f, p) for f, p in zip(fast_weights(outs[args.fast].cache),
                                                   fast_weights(outs["off"].cache))), 2e-2)
-        model.fast.skip_window_key_grads = True  # the experiment: no key gradients for the window
-        with path(model, args.fast), torch.no_grad(), bf16(device, dtype):
-            skipped = model(ids, use_cache=True, logits_to_keep=b)
-        if not failed(model, "prefill, window key grads skipped"):
-            record(f"prefill {length}, window key grads skipped: last {b} logits",
-                   relative(skipped.logits, outs["off"].logits), 2e-2)
-            record(f"prefill {length}, window key grads skipped: fast weights",
-                   max(relative(f, p) for f, p in zip(fast_weights(skipped.cache),
-                                                      fast_weights(outs["off"].cache))), 2e-2)
+        for variant in list(VARIANTS)[1:]:  # the experiments, each on a fresh model with the same weights
+            model = set_variant(build(args.preset, "ttt_e2e", device, vocab_size=args.vocab), variant)
+            with path(model, args.fast), torch.no_grad(), bf16(device, dtype):
+                other = model(ids, use_cache=True, logits_to_keep=b)
+            if not failed(model, f"prefill, {variant}"):
+                record(f"prefill {length}, {variant}: last {b} logits", relative(other.logits, outs["off"].logits),
+                       2e-2)
+                record(f"prefill {length}, {variant}: fast weights",
+                       max(relative(f, p) for f, p in zip(fast_weights(other.cache),
+                                                          fast_weights(outs["off"].cache))), 2e-2)
     # decoding across an update: a prompt 4 tokens short of a chunk boundary, then 12 tokens
     model = build(args.preset, "ttt_e2e", device, vocab_size=args.vocab)
     prompt, follow = ids[:, : 2 * b - 4], ids[:, 2 * b - 4: 2 * b + 8]
@@ -203,15 +217,16 @@ def check(args, device, dtype) -> list[dict]:
 def prefill(args, device, dtype) -> list[dict]:
     rows = []
     fast = args.fast
-    kinds = [("ttt_e2e", fast, 10**9, args.vocab), ("ttt_e2e_skip", fast, 10**9, args.vocab),
-             ("ttt_e2e", "off", args.plain_max, args.vocab), ("swa", fast, 10**9, args.vocab),
-             ("full", fast, 10**9, args.vocab)]
+    kinds = [(name, fast, 10**9, args.vocab) for name in VARIANTS] + [
+        ("ttt_e2e", "off", args.plain_max, args.vocab), ("swa", fast, 10**9, args.vocab),
+        ("full", fast, 10**9, args.vocab)]
     if not args.tiny:  # the official vocabulary at the longest length
-        kinds += [("ttt_e2e", fast, 0, 128256), ("full", fast, 0, 128256)]
+        kinds += [(name, fast, 0, 128256) for name in VARIANTS] + [("full", fast, 0, 128256)]
     for kind, mode, up_to, vocab in kinds:
-        model = build(args.preset, kind.removesuffix("_skip"), device, vocab_size=vocab)
+        model = build(args.preset, "ttt_e2e" if kind in VARIANTS else kind, device, vocab_size=vocab)
         model.config.fast_path = mode
-        model.fast.skip_window_key_grads = kind.endswith("_skip")  # the check's experiment
+        if kind in VARIANTS:
+            set_variant(model, kind)
         lengths = [n for n in args.lengths if n <= up_to] or [args.lengths[-1]]
         for length in lengths:
             ids = torch.randint(0, vocab, (1, length), device=device)
@@ -234,6 +249,46 @@ def prefill(args, device, dtype) -> list[dict]:
     return rows
 
 
+def kernel_table(prof, top: int = 15) -> tuple[list[tuple[int, int]], list[dict]]:
+    """(the GPU kernels' intervals, the `top` kernel names by total time) of a torch.profiler run."""
+    intervals, by_name = [], {}
+    for event in prof.profiler.kineto_results.events():
+        if event.device_type() == torch.autograd.DeviceType.CUDA and event.name() not in ("Memset", "Memcpy"):
+            intervals.append((event.start_ns(), event.start_ns() + event.duration_ns()))
+            total, count = by_name.get(event.name(), (0, 0))
+            by_name[event.name()] = (total + event.duration_ns(), count + 1)
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
+    return intervals, [{"name": name[:120], "seconds": t / 1e9, "launches": n} for name, (t, n) in ranked]
+
+
+def chunk_profile(model, ids, device, dtype, replays: int = 20) -> dict:
+    """One steady chunk step of the prefill (its CUDA graph replayed `replays` times after a
+    prefill of `ids`): ms per step by CUDA events, and its kernels per step, the most time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), bf16(device, dtype):
+        model(ids, logits_to_keep=1)
+    steppers = [s for s in model.fast._steppers.values() if False in s.graphs]
+    if device.type != "cuda" or not steppers:
+        return {}
+    graph = steppers[-1].graphs[False][0]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        sync(device)
+    intervals, top = kernel_table(prof, top=25)
+    return {"ms_per_step": start.elapsed_time(end) / replays, "kernels_per_step": len(intervals) / replays,
+            "kernel_ms_per_step": sum(e - s for s, e in intervals) / 1e6 / replays,
+            "top_kernels": [{**k, "ms_per_step": 1e3 * k["seconds"] / replays} for k in top]}
+
+
 def busy_share(model, ids, device, dtype) -> dict:
     """The share of one forward's wall time during which some GPU kernel runs (the union of the
     kernels' intervals; each kernel counted once, never the CPU op that launched it)."""
@@ -247,13 +302,7 @@ def busy_share(model, ids, device, dtype) -> dict:
             model(ids, logits_to_keep=1)
             sync(device)
             wall = time.perf_counter() - start
-    intervals, by_name = [], {}
-    for event in prof.profiler.kineto_results.events():
-        if event.device_type() == torch.autograd.DeviceType.CUDA and event.name() not in ("Memset", "Memcpy"):
-            intervals.append((event.start_ns(), event.start_ns() + event.duration_ns()))
-            total, count = by_name.get(event.name(), (0, 0))
-            by_name[event.name()] = (total + event.duration_ns(), count + 1)
-    top = sorted(by_name.items(), key=lambda item: -item[1][0])[:15]
+    intervals, top = kernel_table(prof)
     intervals.sort()
     busy, end = 0, None
     for s, e in intervals:
@@ -264,8 +313,7 @@ def busy_share(model, ids, device, dtype) -> dict:
             busy += e - end
             end = e
     return {"kernels": len(intervals), "kernel_seconds": busy / 1e9, "wall_seconds": wall,
-            "busy_share": busy / 1e9 / wall,
-            "top_kernels": [{"name": name[:120], "seconds": t / 1e9, "launches": n} for name, (t, n) in top]}
+            "busy_share": busy / 1e9 / wall, "top_kernels": top}
 
 
 def profile_part(args, device, dtype) -> dict:
@@ -276,6 +324,15 @@ def profile_part(args, device, dtype) -> dict:
         f"wall ({result['busy_share']:.1%}), {result['kernels']} kernels; the most time:")
     for k in result["top_kernels"]:
         log(f"  {k['seconds'] * 1e3:8.2f} ms {k['launches']:6d} x  {k['name']}")
+    result["chunk_step"] = {}
+    for variant in VARIANTS:  # where a chunk step's time goes, per variant
+        model = set_variant(build(args.preset, "ttt_e2e", device, vocab_size=args.vocab, fast_path=args.fast), variant)
+        step = result["chunk_step"][variant] = chunk_profile(model, ids, device, dtype)
+        if step:
+            log(f"chunk step {variant}: {step['ms_per_step']:.3f} ms ({step['kernel_ms_per_step']:.3f} ms of "
+                f"{step['kernels_per_step']:.0f} kernels); per step, the most time:")
+            for k in step["top_kernels"]:
+                log(f"  {k['ms_per_step']:7.3f} ms {k['launches']:5d} x  {k['name']}")
     return result
 
 
@@ -401,17 +458,21 @@ def speed_tables(out: dict) -> str:
         by = {(r["model"], r["vocab"], r["tokens"]): r for r in rows}
         vocab = out["vocab"]
         lengths = sorted({r["tokens"] for r in rows if r["vocab"] == vocab})
-        lines += ["", "| prefill tokens | TTT-E2E s | TTT-E2E, window key grads skipped s | TTT-E2E plain path s | "
-                  "sliding window s | full attention s | TTT-E2E / full speed-up | TTT-E2E us/token vs 8K | "
-                  "peak GiB TTT / full |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        ref = by.get(("ttt_e2e", vocab, 8192)) or by.get(("ttt_e2e", vocab, lengths[0]))
+        # the fastest TTT-E2E variant at the longest length is the one compared with full attention
+        longest = max(lengths)
+        timed_variants = [m for m in VARIANTS if (m, vocab, longest) in by]
+        best = min(timed_variants, key=lambda m: by[(m, vocab, longest)]["seconds"]) if timed_variants else "ttt_e2e"
+        names = list(VARIANTS) + ["ttt_e2e_plain", "swa", "full"]
+        lines += ["", f"| prefill tokens | {' s | '.join(names)} s | {best} / full speed-up | {best} us/token vs 8K | "
+                  f"peak GiB {best} / full |", "|---:" * (len(names) + 4) + "|"]
+        ref = by.get((best, vocab, 8192)) or by.get((best, vocab, lengths[0]))
         cell = lambda r: f"{r['seconds']:.3f}" if r else "-"  # noqa: E731
         for n in lengths:
-            t, k, p, w, f = (by.get((m, vocab, n)) for m in ("ttt_e2e", "ttt_e2e_skip", "ttt_e2e_plain", "swa", "full"))
+            t, f = by.get((best, vocab, n)), by.get(("full", vocab, n))
             speedup = f"{f['seconds'] / t['seconds']:.2f}x" if t and f else "-"
             per_token = f"{t['us_per_token'] / ref['us_per_token']:.2f}x" if t and ref else "-"
             peak = f"{t['peak_gib']:.2f} / {f['peak_gib']:.2f}" if t and f and t["peak_gib"] else "-"
-            lines.append(f"| {n} | {cell(t)} | {cell(k)} | {cell(p)} | {cell(w)} | {cell(f)} | {speedup} | "
+            lines.append(f"| {n} | {' | '.join(cell(by.get((m, vocab, n))) for m in names)} | {speedup} | "
                          f"{per_token} | {peak} |")
         for r in rows:
             if r["vocab"] != vocab:
@@ -421,6 +482,13 @@ def speed_tables(out: dict) -> str:
         p = out["profile"]
         lines += ["", f"Profile of TTT-E2E's {p['tokens']}-token prefill: GPU kernels busy {p['kernel_seconds']:.3f} s "
                   f"of {p['wall_seconds']:.3f} s wall ({p['busy_share']:.1%}), {p['kernels']} kernels."]
+        for variant, step in (p.get("chunk_step") or {}).items():
+            if step:
+                lines += ["", f"One steady chunk step, {variant}: {step['ms_per_step']:.3f} ms "
+                          f"({step['kernel_ms_per_step']:.3f} ms in {step['kernels_per_step']:.0f} kernels)", "",
+                          "| kernel | ms per step | launches |", "|---|---:|---:|"]
+                lines += [f"| `{k['name'][:80]}` | {k['ms_per_step']:.3f} | {k['launches']} |"
+                          for k in step["top_kernels"][:12]]
     if out.get("decode"):
         lines += ["", "| decoding (generate, greedy) | context | ms / token | vs Llama static compiled | "
                   "median step ms | the update step ms |", "|---|---:|---:|---:|---:|---:|"]
@@ -443,6 +511,7 @@ def speed_figure(out: dict, path: str) -> None:
         return
     fig, (ax,) = new_figure(panel_size=(6.5, 4.5))
     labels = {"ttt_e2e": "TTT-E2E (fast path)", "ttt_e2e_skip": "TTT-E2E (fast, no window key gradients)",
+              "ttt_e2e_tiles": "TTT-E2E (fast, no window key gradients, 64-row tiles)",
               "ttt_e2e_plain": "TTT-E2E (plain path)",
               "swa": "sliding window, no TTT", "full": "full attention (flash)"}
     for name, label in labels.items():

@@ -7,10 +7,11 @@ positions j with 0 <= p - j < k (its own included); full attention sees every j 
   the positions of queries and keys, so one function serves a whole sequence, a chunk against the
   keys before it and a decoded token against its cache. It runs everywhere and is the reference.
 - The fast path (`testtime.ttt.fast`), exact against it:
-  - a whole sequence attending to itself (the lower blocks): SDPA's causal kernel (flash) when the
-    sequence fits in the window (the window then hides nothing); beyond it FlexAttention with a
-    sliding-window block mask built once per length (`sequence_block_mask`), so whole tiles
-    outside the window are skipped;
+  - a whole sequence attending to itself (the lower blocks, and the first TTT block's attention,
+    which no fast weight reaches): SDPA's causal kernel (flash) when the sequence fits in the
+    window (the window then hides nothing); beyond it FlexAttention with a sliding-window block
+    mask built once per length (`sequence_block_mask`), so whole tiles outside the window are
+    skipped; each block compiled around its kernel (`testtime.ttt.fast.sequence_layer`);
   - a chunk of b queries at positions [s, s + b) against a window of the k keys before it plus its
     own (`window_mask` / `window_block_mask`): in the concatenation [k past slots, b own keys],
     query i sees slot m iff i < m <= i + k, and slot m holds position s - k + m, which must be >= 0
@@ -120,18 +121,6 @@ def flex_available(device: torch.device) -> bool:
     except ImportError:
         return False
     return True
-
-
-@functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention)  # one graph for every length (dynamic after the second)
-
-
-def flex(q, k, v, block_mask) -> torch.Tensor:
-    """FlexAttention, compiled (the eager one materializes every score)."""
-    return _compiled_flex()(q, k, v, block_mask=block_mask)
 
 
 @functools.cache

@@ -7,9 +7,13 @@ with SDPA masks instead of FlexAttention, eager unless `TESTTIME_TTT_COMPILE=1`:
 check against the plain path), "off" never; `TESTTIME_TTT_COMPILE_MODE` passes a torch.compile mode
 (`max-autotune-no-cudagraphs` tunes the kernels: minutes more compiling). What it changes:
 
-- Lower blocks: one causal flash call when the sequence fits in the window, else FlexAttention
-  with a sliding-window block mask built once per length (`testtime.ttt.attention`).
-- The chunk scan keeps, per TTT block, the keys and values of the `window` positions before the
+- Lower blocks: each one compiled graph over the whole sequence (`sequence_layer`) around one
+  causal flash call when the sequence fits in the window, else FlexAttention with a
+  sliding-window block mask built once per length (`testtime.ttt.attention`).
+- The first TTT block's attention sublayer reads only the lower blocks' output, which no fast
+  weight reaches: it runs once over the sequence the same way (`FastPath.hoist`), and each chunk
+  step starts at that block's MLP'.
+- The chunk scan keeps, per TTT block (the hoisted one's aside), the keys and values of the `window` positions before the
   chunk in a fixed-size tensor (rolled by one chunk after each), so every chunk is the same
   computation on the same shapes: its forward (`chunk_logits`), the inner gradient, the clipped
   SGD step (`clipped_update`), compiled once.
@@ -41,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from testtime.ttt.attention import flex_available, math_attention, sequence_block_mask, visible, \
+from testtime.ttt.attention import attend_past, flex_available, math_attention, sequence_block_mask, visible, \
     window_block_mask, window_mask, window_score_mod
 from testtime.ttt.inner import Run, clipped_update, per_sample_loss, scan_chunks, unflatten
 from testtime.ttt.model import rotary
@@ -57,18 +61,22 @@ def _compile_on_cpu() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def chunk_logits(quarter, params, x, pos, windows, first_valid, fast, attn: str, block_mask, rope: tuple):
+def chunk_logits(quarter, params, x, pos, windows, first_valid, fast, attn: str, block_mask, rope: tuple,
+                 kernel_options: dict | None = None):
     """The TTT quarter (`TTTQuarter`) on one chunk at fixed shapes, its parameters `params`.
 
     x [B, b, H] at positions pos [1, b]; windows: per TTT block the (k, v) [B, heads, W, d] of the
     W positions before the chunk (slots before position 0 hold anything: `first_valid` [B] masks
-    them, None when the window is full); attn: "flex" (with the band's `block_mask`), "sdpa" or
-    "math" (twice differentiable); rope: (head_dim, theta, dtype).
-    -> (logits [B, b, V], [(k, v)] of the chunk per TTT block)."""
-    b, W = x.shape[1], windows[0][0].shape[2]
+    them, None when the window is full), or None for a block whose attention sublayer x already
+    holds (the first TTT block's, applied over the whole sequence: `FastPath.hoist`); attn: "flex"
+    (with the band's `block_mask`), "sdpa" or "math" (twice differentiable); rope: (head_dim,
+    theta, dtype); kernel_options: FlexAttention's tile sizes (None: its defaults).
+    -> (logits [B, b, V], [(k, v)] of the chunk per TTT block, (None, None) where its window is None)."""
+    present = [w for w in windows if w is not None]
+    b, W = x.shape[1], present[0][0].shape[2] if present else 0
     rot = rotary(pos, *rope)
     valid = torch.zeros_like(pos[0, :1]) if first_valid is None else first_valid
-    mask = None if attn == "flex" else window_mask(valid, b, W)
+    mask = None if attn == "flex" or not present else window_mask(valid, b, W)
     score_mod = None if attn != "flex" or first_valid is None else window_score_mod(first_valid)
 
     def attend_window(past_k, past_v):
@@ -77,19 +85,23 @@ def chunk_logits(quarter, params, x, pos, windows, first_valid, fast, attn: str,
             if attn == "flex":
                 from torch.nn.attention.flex_attention import flex_attention
 
-                return flex_attention(q, keys, values, score_mod=score_mod, block_mask=block_mask)
+                return flex_attention(q, keys, values, score_mod=score_mod, block_mask=block_mask,
+                                      kernel_options=kernel_options)
             if attn == "math":
                 return math_attention(q, keys, values, mask)
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
         return attend
 
-    return functional_call(quarter, params, (x, rot, [attend_window(*w) for w in windows], fast))
+    attends = [None if w is None else attend_window(*w) for w in windows]
+    return functional_call(quarter, params, (x, rot, attends, fast))
 
 
-def chunk_loss(quarter, params, x, pos, windows, first_valid, fast, targets, attn: str, block_mask, rope: tuple):
+def chunk_loss(quarter, params, x, pos, windows, first_valid, fast, targets, attn: str, block_mask, rope: tuple,
+               kernel_options: dict | None = None):
     """`chunk_logits` and the inner loss per sample [B] (mean CE over the chunk's targets)."""
-    logits, kvs = chunk_logits(quarter, params, x, pos, windows, first_valid, fast, attn, block_mask, rope)
+    logits, kvs = chunk_logits(quarter, params, x, pos, windows, first_valid, fast, attn, block_mask, rope,
+                               kernel_options)
     return per_sample_loss(logits, targets)[0], logits, kvs
 
 
@@ -104,9 +116,11 @@ def meta_step(quarter, params, x, pos, windows, first_valid, flat, targets, appl
     def inner(weights):
         loss, logits, kvs = chunk_loss(quarter, params, x, pos, windows, first_valid, unflatten(weights, per_layer),
                                        targets, "math", None, rope)
-        return loss.sum(), (loss, logits, kvs)
+        return loss.sum(), (loss, logits, [kv for kv in kvs if kv[0] is not None])  # aux: tensors only
 
-    grads, (loss, logits, kvs) = torch.func.grad(inner, has_aux=True)(flat)
+    grads, (loss, logits, held) = torch.func.grad(inner, has_aux=True)(flat)
+    held = iter(held)
+    kvs = [(None, None) if w is None else next(held) for w in windows]
     new = flat
     for step in range(steps):
         if step:
@@ -115,6 +129,21 @@ def meta_step(quarter, params, x, pos, windows, first_valid, flat, targets, appl
             grads = [g.detach() for g in grads]
         new, _ = clipped_update(new, grads, lr, clip, apply)
     return loss, logits, kvs, new
+
+
+def sequence_layer(block, h, rot, block_mask, kind: str, attention_only: bool):
+    """One block (`attention_only`: its attention sublayer) over a whole sequence h [B, T, H]
+    attending to itself: `kind` "flex" (the sliding window's `block_mask`) or "causal" (SDPA's
+    flash kernel: full attention, or a sequence within the window). -> (h, k, v)."""
+
+    def attend(q, k, v):
+        if kind == "flex":
+            from torch.nn.attention.flex_attention import flex_attention
+
+            return flex_attention(q, k, v, block_mask=block_mask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return block.attention_sublayer(h, rot, attend) if attention_only else block(h, rot, attend, None)
 
 
 def _roll(window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -175,6 +204,10 @@ class FastPath:
         # window (constants there): `window_block_mask`'s window_key_grads=False. An experiment
         # until the GPU check has compared it with the plain path; off by default.
         self.skip_window_key_grads = False
+        # FlexAttention's tile sizes for a chunk against its window, e.g. {"BLOCK_M": 64, ...}: at
+        # batch 1 its 1,024 queries make few query tiles per head, too few to fill the GPU with
+        # the default 128-row tiles. An experiment the benchmark times beside the default; None.
+        self.chunk_kernel_options: dict | None = None
 
     def _say(self, reason: str) -> None:
         if reason not in self._said:
@@ -192,9 +225,12 @@ class FastPath:
         compiled = device.type == "cuda" or _compile_on_cpu()
         key = (name, compiled)
         if key not in self._fns:
-            raw = {"forward": chunk_loss, "update": clipped_update, "meta": meta_step, "decode": decode_token}[name]
+            raw = {"forward": chunk_loss, "update": clipped_update, "meta": meta_step, "decode": decode_token,
+                   "sequence": sequence_layer}[name]
             mode = os.environ.get("TESTTIME_TTT_COMPILE_MODE") or None  # e.g. max-autotune-no-cudagraphs
-            self._fns[key] = torch.compile(raw, dynamic=False, mode=mode) if compiled else raw
+            # the chunk's functions see one shape; a sequence's length varies (dynamic after the second)
+            dynamic = None if name == "sequence" else False
+            self._fns[key] = torch.compile(raw, dynamic=dynamic, mode=mode) if compiled else raw
         return self._fns[key]
 
     def fingerprint(self) -> tuple:
@@ -225,29 +261,36 @@ class FastPath:
             return "recompute (activation checkpointing runs on the plain scan)"
         return None
 
-    def sequence_attend(self, length: int, run: Run, device: torch.device):
-        """The lower blocks' attention over a whole sequence, or None (the plain one)."""
-        window = run.window
-        if window is None or length <= window:
-            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        if flex_available(device) and not self.failed:
-            from testtime.ttt.attention import attention, flex
+    def sequence_block(self, block, h, rot, run: Run, attention_only: bool = False):
+        """`block` over a whole sequence h [B, T, H] (the lower blocks; `attention_only`: the first
+        TTT block's attention sublayer, `hoist`) -> (h, k, v). On a GPU one compiled graph per
+        block (norms, RoPE and the attention kernel fused around it): SDPA's causal flash kernel
+        when the sequence fits in the window (the window then hides nothing) or attention is full,
+        else FlexAttention with the sliding-window block mask (built once per length). Elsewhere,
+        or after a failure, the plain attention."""
+        T, device = h.shape[1], h.device
+        kind = "causal" if run.window is None or T <= run.window else "flex" if flex_available(device) else None
+        if device.type == "cuda" and kind and not self.failed:
+            mask = sequence_block_mask(T, run.window, device) if kind == "flex" else None
+            try:
+                return self.fn("sequence", device)(block, h, rot, mask, kind, attention_only)
+            except Exception as error:
+                if isinstance(error, (torch.OutOfMemoryError, KeyboardInterrupt)):
+                    raise
+                self._fail(error, " (a block over the sequence)")
+        pos = torch.arange(T, device=device)[None]
+        attend = attend_past(pos, None, run.window, run.chunk_size)
+        return block.attention_sublayer(h, rot, attend) if attention_only else block(h, rot, attend, None)
 
-            block_mask = sequence_block_mask(length, window, device)
-            positions = torch.arange(length, device=device)[None]
-
-            def attend(q, k, v):
-                if not self.failed:
-                    try:
-                        return flex(q, k, v, block_mask)
-                    except Exception as error:
-                        if isinstance(error, (torch.OutOfMemoryError, KeyboardInterrupt)):
-                            raise
-                        self._fail(error, " (FlexAttention over the sequence)")
-                return attention(q, k, v, positions, positions, window, run.chunk_size)
-
-            return attend
-        return None
+    def hoist(self, h, run: Run, outer_grad: bool):
+        """The first TTT block's attention sublayer over the whole sequence -> (h, k, v). Its input
+        is the lower blocks' output, which no fast weight reaches, so it need not run chunk by
+        chunk: each chunk step starts at that block's MLP' (one attention fewer per chunk, and its
+        window is never held). Exact: the same function, through the sequence's kernel."""
+        T = h.shape[1]
+        rot = self.model.rope_tables(torch.arange(T, device=h.device)[None])
+        with torch.set_grad_enabled(outer_grad):
+            return self.sequence_block(self.model.ttt_blocks[0], h, rot, run, attention_only=True)
 
     # --- the chunk scan -----------------------------------------------------------------------
 
@@ -293,35 +336,39 @@ class FastPath:
             yield s, e, x, targets, (e < lengths).to(h.dtype)
 
     def _scan_prefill(self, h, next_ids, lengths, run: Run, keep_from, keep):
-        stepper = self.stepper(h.shape[0], run, h)
+        h, k0, v0 = self.hoist(h, run, outer_grad=False)
+        stepper = self.stepper(h.shape[0], run, h, hoisted=True)
         stepper.reset(run.lr)
-        logits, kept = [], [[] for _ in stepper.windows]
+        logits, kept = [], [[] for _ in stepper.windows[1:]]
         for s, e, x, targets, apply in self._chunks(h, next_ids, lengths, run):
             out_logits, kvs = stepper.step(s, x, targets, apply)
             if s < keep[1] and e > keep[0]:
                 logits.append(out_logits[:, max(keep[0] - s, 0):min(keep[1], e) - s].clone())
             if keep_from is not None and e > keep_from:
                 lo = max(0, keep_from - s)
-                for store, (k, v) in zip(kept, kvs):
+                for store, (k, v) in zip(kept, kvs[1:]):
                     store.append((k[:, :, lo:e - s].clone(), v[:, :, lo:e - s].clone()))
-        ttt_kv = [] if keep_from is None else [
+        ttt_kv = [] if keep_from is None else [(k0[:, :, keep_from:], v0[:, :, keep_from:])] + [
             (torch.cat([k for k, _ in store], 2), torch.cat([v for _, v in store], 2)) for store in kept]
         fast = [tuple(w.detach().clone() for w in layer) for layer in stepper.fast]
         return torch.cat(logits, 1), fast, ttt_kv, {}
 
     def _scan_train(self, h, next_ids, lengths, max_len: int, run: Run, keep):
-        """With the outer graph: every chunk through `meta_step` (its inner gradient by
-        `torch.func.grad` inside one compiled graph, detached for first order), so the outer
-        backward runs each chunk's compiled backward once; the windows roll in the outer graph."""
+        """With the outer graph: the first TTT block's attention over the sequence (`hoist`: one
+        fused kernel's backward, no double backward through it), then every chunk through
+        `meta_step` (its inner gradient by `torch.func.grad` inside one compiled graph, detached
+        for first order), so the outer backward runs each chunk's compiled backward once; the
+        windows roll in the outer graph."""
         model = self.model
         B, device = h.shape[0], h.device
         b, W = run.chunk_size, run.window
         heads, head_dim, kv_dtype, _, rope = self._layout(h)
+        h = self.hoist(h, run, outer_grad=True)[0]
         quarter = model.quarter()
         params = dict(quarter.named_parameters())
         fast = model.initial_fast_weights(B, outer_grad=True)
         per_layer = len(fast[0])
-        windows = [(h.new_zeros(B, heads, W, head_dim, dtype=kv_dtype),) * 2 for _ in fast]
+        windows = [None] + [(h.new_zeros(B, heads, W, head_dim, dtype=kv_dtype),) * 2 for _ in fast[1:]]
         lr = torch.tensor(run.lr, device=device)
         forward, meta = self.fn("forward", device), self.fn("meta", device)
         logits = []
@@ -338,7 +385,7 @@ class FastPath:
                                               run.clip, run.steps, per_layer, rope, run.first_order)
             if s < keep[1] and e > keep[0]:
                 logits.append(chunk_out[:, max(keep[0] - s, 0):min(keep[1], e) - s])
-            windows = [(_roll(pk, k), _roll(pv, v)) for (pk, pv), (k, v) in zip(windows, kvs)]
+            windows = [None if w is None else (_roll(w[0], k), _roll(w[1], v)) for w, (k, v) in zip(windows, kvs)]
             if new is not None:
                 fast = unflatten(new, per_layer)
         return torch.cat(logits, 1), fast, [], {}
@@ -418,7 +465,7 @@ class FastPath:
             keys, values = cache.keys[i], cache.values[i]
             index = slots[:, None, :, None].expand(B, keys.shape[1], W, keys.shape[3])
             windows.append((keys.gather(2, index), values.gather(2, index)))
-        stepper = self.stepper(B, run, cache.pending_h)
+        stepper = self.stepper(B, run, cache.pending_h, hoisted=False)  # the cache holds the lower blocks' output
         stepper.load(windows, cache.fast)
         stepper.lr.fill_(run.lr)
         targets = torch.cat([cache.pending_ids[:, 1:], token[:, None]], 1)
@@ -429,15 +476,17 @@ class FastPath:
                 for w, w_new in zip(layer, new):
                     w.copy_(w_new)
 
-    def stepper(self, batch: int, run: Run, h: torch.Tensor) -> "Stepper":
-        """The `Stepper` of these shapes and settings (made once, kept with its CUDA graphs)."""
+    def stepper(self, batch: int, run: Run, h: torch.Tensor, hoisted: bool) -> "Stepper":
+        """The `Stepper` of these shapes and settings (made once, kept with its CUDA graphs);
+        `hoisted`: the chunks come with the first TTT block's attention applied (`hoist`)."""
         heads, head_dim, kv_dtype, attn, rope = self._layout(h)
         autocast = torch.is_autocast_enabled(h.device.type)
         key = (batch, run.chunk_size, run.window, run.steps, run.clip, h.dtype, kv_dtype, h.device, autocast,
-               self.skip_window_key_grads, self.fingerprint())
+               self.skip_window_key_grads, str(self.chunk_kernel_options), hoisted, self.fingerprint())
         if key not in self._steppers:
             self._steppers = {k: v for k, v in self._steppers.items() if k[-1] == key[-1]}  # stale graphs out
-            self._steppers[key] = Stepper(self, batch, run, h.dtype, kv_dtype, h.device, heads, head_dim, attn, rope)
+            self._steppers[key] = Stepper(self, batch, run, h.dtype, kv_dtype, h.device, heads, head_dim, attn, rope,
+                                          hoisted)
         return self._steppers[key]
 
 
@@ -445,10 +494,12 @@ class Stepper:
     """One chunk of the TTT quarter without an outer graph, at fixed shapes (batch B, chunk b,
     window W): forward, inner gradient, clipped SGD step, and the roll of every TTT block's
     window; the state lives in static tensors. On a GPU each step replays a CUDA graph (one for
-    chunks before position W, whose windows are not full yet, one for the rest)."""
+    chunks before position W, whose windows are not full yet, one for the rest). `hoisted`: the
+    chunks come with the first TTT block's attention sublayer applied (`FastPath.hoist`), so that
+    block holds no window (its entry in `windows` is None)."""
 
     def __init__(self, fast: FastPath, batch: int, run: Run, dtype, kv_dtype, device, heads: int, head_dim: int,
-                 attn: str, rope: tuple):
+                 attn: str, rope: tuple, hoisted: bool):
         model = fast.model
         b, W = run.chunk_size, run.window
         self.fast_path, self.run, self.attn, self.rope, self.device = fast, run, attn, rope, device
@@ -458,8 +509,9 @@ class Stepper:
         self.pos = torch.zeros(batch, b, dtype=torch.long, device=device)
         self.first_valid = torch.zeros(batch, dtype=torch.long, device=device)
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
-        self.windows = [tuple(torch.zeros(batch, heads, W, head_dim, dtype=kv_dtype, device=device) for _ in "kv")
-                        for _ in model.ttt_blocks]
+        self.windows = [None if hoisted and i == 0 else
+                        tuple(torch.zeros(batch, heads, W, head_dim, dtype=kv_dtype, device=device) for _ in "kv")
+                        for i in range(len(model.ttt_blocks))]
         initial = model.initial_fast_weights(batch, outer_grad=False)
         self.fast = [tuple(w.detach().clone().requires_grad_() for w in layer) for layer in initial]
         self.block_mask = window_block_mask(b, W, device, not fast.skip_window_key_grads) if attn == "flex" \
@@ -473,15 +525,19 @@ class Stepper:
             for layer, initial in zip(self.fast, self.fast_path.model.initial_fast_weights(1, outer_grad=False)):
                 for w, w0 in zip(layer, initial):
                     w.copy_(w0.expand_as(w))
-            for k, v in self.windows:
+            for k, v in self.held():
                 k.zero_()
                 v.zero_()
             self.lr.fill_(lr)
 
+    def held(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (k, v) windows this stepper holds (every TTT block's but a hoisted one's)."""
+        return [w for w in self.windows if w is not None]
+
     def load(self, windows, fast) -> None:
         """Set the state: per TTT block its (k, v) windows [B, heads, W, d] and fast weights."""
         with torch.no_grad():
-            for (k, v), (k_new, v_new) in zip(self.windows, windows):
+            for (k, v), (k_new, v_new) in zip(self.windows, windows):  # never hoisted: decoding's updates
                 k.copy_(k_new)
                 v.copy_(v_new)
             for layer, new in zip(self.fast, fast):
@@ -524,7 +580,7 @@ class Stepper:
         for step in range(run.steps):
             loss, logits_, kvs_ = forward(quarter, params, self.x, self.pos, self.windows, first_valid,
                                           unflatten(weights, per_layer), self.targets, self.attn, self.block_mask,
-                                          self.rope)
+                                          self.rope, fp.chunk_kernel_options)
             if step == 0:
                 logits, kvs = logits_, kvs_
             grads = torch.autograd.grad(loss.sum(), weights)
@@ -534,14 +590,15 @@ class Stepper:
         with torch.no_grad():
             for w, w_new in zip((w for layer in self.fast for w in layer), weights):
                 w.copy_(w_new)
-            for (past_k, past_v), (k, v) in zip(self.windows, kvs):
-                past_k.copy_(_roll(past_k, k))
-                past_v.copy_(_roll(past_v, v))
-        return logits.detach(), [(k.detach(), v.detach()) for k, v in kvs]
+            for window, (k, v) in zip(self.windows, kvs):
+                if window is not None:
+                    window[0].copy_(_roll(window[0], k))
+                    window[1].copy_(_roll(window[1], v))
+        return logits.detach(), [(None, None) if k is None else (k.detach(), v.detach()) for k, v in kvs]
 
     def _capture(self, early: bool):
         """Warm up (compiles), capture one CUDA graph, and restore the state the warm-up changed."""
-        state = [t for layer in self.fast for t in layer] + [t for kv in self.windows for t in kv]
+        state = [t for layer in self.fast for t in layer] + [t for kv in self.held() for t in kv]
         saved = [t.detach().clone() for t in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

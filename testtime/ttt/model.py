@@ -181,11 +181,19 @@ class Block(nn.Module):
     def _out(norm: RMSNorm | None, y: torch.Tensor) -> torch.Tensor:
         return y if norm is None else norm(y)
 
+    def attention_sublayer(self, h, rot, attend):
+        """h + post(attn(pre h)) -> (h, k, v): the part of the block the fast weights never reach."""
+        a, k, v = self.self_attn(self.input_layernorm(h), rot, attend)
+        return h + self._out(self.post_attn_norm, a), k, v
+
     def forward(self, h, rot, attend, fast):
         """-> (h, k, v of these positions); `rot`: their RoPE tables, `attend`: the attention
-        against the keys before them, `fast`: this block's per-sample MLP' weights or None."""
-        a, k, v = self.self_attn(self.input_layernorm(h), rot, attend)
-        h = h + self._out(self.post_attn_norm, a)
+        against the keys before them (None: the attention sublayer was already applied to h, by
+        `attention_sublayer` over the whole sequence; k and v are then None), `fast`: this block's
+        per-sample MLP' weights or None."""
+        k = v = None
+        if attend is not None:
+            h, k, v = self.attention_sublayer(h, rot, attend)
         if self.fast_mlp is not None:
             h = h + self._out(self.post_fast_norm, self.fast_mlp(self.fast_norm(h), fast))
         h = h + self._out(self.post_mlp_norm, self.mlp(self.post_attention_layernorm(h)))
@@ -413,12 +421,16 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         with torch.set_grad_enabled(outer_grad):
             h = self.model.embed_tokens(input_ids)
             rot = self.rope_tables(pos)
-            attend = (fast_path.sequence_attend(T, run, device) if fast_path else None) or \
-                attend_past(pos, None, run.window, run.chunk_size)
+            attend = attend_past(pos, None, run.window, run.chunk_size)
             recompute = run.recompute and outer_grad
+
+            def layer(block, h):
+                if recompute:
+                    return checkpoint(block, h, rot, attend, None, use_reentrant=False)
+                return fast_path.sequence_block(block, h, rot, run) if fast_path else block(h, rot, attend, None)
+
             for block in self.model.layers[: self.num_lower]:
-                args = (h, rot, attend, None)
-                h, k, v = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
+                h, k, v = layer(block, h)
                 if use_cache:
                     layer_kv.append((k[:, :, keep_from:], v[:, :, keep_from:]))
         h_ttt = h
@@ -433,7 +445,7 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         else:
             with torch.set_grad_enabled(outer_grad):
                 for block in self.ttt_blocks:
-                    h, k, v = block(h, rot, attend, None)
+                    h, k, v = layer(block, h)
                     if use_cache:
                         layer_kv.append((k[:, :, keep_from:], v[:, :, keep_from:]))
                 logits = self.lm_head(self.model.norm(h[:, keep[0]:keep[1]]))
