@@ -222,3 +222,26 @@ def test_skipping_the_window_key_gradients_leaves_the_forward_as_it_is():
     k, v = (torch.randn(1, 2, W + b, 8, dtype=torch.float64) for _ in "kv")
     with torch.no_grad():
         assert torch.equal(flex_attention(q, k, v, block_mask=skip), flex_attention(q, k, v, block_mask=full))
+
+
+@pytest.mark.parametrize("layers, fraction", [(4, 0.5), (2, 0.5)])  # two TTT blocks; one (then no window is held)
+def test_the_first_ttt_blocks_attention_runs_once_over_the_sequence(layers, fraction):
+    """The first TTT block's attention reads only the lower blocks' output, so the fast path runs
+    it over the whole sequence (`FastPath.hoist`) and its chunk steps hold no window for it; the
+    prefill and the meta-gradient stay the plain path's."""
+    model = tiny(num_hidden_layers=layers, ttt_layer_fraction=fraction, first_order=False).train()
+    ids = torch.stack(tokens(30, 30))
+
+    def run():
+        with torch.no_grad():
+            logits = model(ids, use_cache=True).logits
+        loss = model(ids, labels=ids).loss
+        return logits, torch.autograd.grad(loss, list(model.parameters()))
+
+    (logits, grads), (fast_logits, fast_grads) = both(model, run)
+    assert model.fast.failed is None
+    held = [s for s in model.fast._steppers.values() if s.windows[0] is None]
+    assert held and all(len(s.held()) == model.config.num_ttt_layers - 1 for s in held)
+    torch.testing.assert_close(fast_logits, logits, rtol=0, atol=1e-10)
+    for g_fast, g in zip(fast_grads, grads):
+        torch.testing.assert_close(g_fast, g, rtol=0, atol=1e-10)
