@@ -52,15 +52,15 @@ case $part in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
     python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
     # the quality miniature trains beside the check (neither is a timing); every timing runs after both
-    setsid nohup bash -c "source benchmarks/gpu_ttt.sh jobs-only; KEEP_WORKERS=1 job quality ${QUALITY_S:-560} --part quality;
+    setsid nohup bash -c "source benchmarks/gpu_ttt.sh jobs-only; KEEP_WORKERS=1 job quality ${QUALITY_S:-500} --part quality;
       touch $jobs/quality.done" > /tmp/ttt-quality.out 2>&1 < /dev/null &
     KEEP_WORKERS=1 job check 360 --part speed --sections check  # exit 1 if a fast path failed or differs: the rest runs anyway
     setsid nohup bash -c "
       source benchmarks/gpu_ttt.sh jobs-only
       while [ ! -e $jobs/quality.done ]; do sleep 5; done
-      job prefill 420 --part speed --sections prefill,profile
-      job train 240 --part speed --sections train
-      job decode 300 --part speed --sections decode --repeats 2
+      job prefill 360 --part speed --sections prefill,profile
+      job train 200 --part speed --sections train
+      job decode 200 --part speed --sections decode --repeats 2
       touch $jobs/all.done" > /tmp/ttt-jobs.out 2>&1 < /dev/null &
     wait_jobs
     report ;;
